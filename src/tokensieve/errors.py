@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI prints `str(error)` without a traceback and exits with status 2."""
+
+
+class TokensieveError(Exception):
+    """Base class for user-caused errors (bad recipe, data, model path, command-line use)."""
+
+
+class RecipeError(TokensieveError):
+    """A recipe key, value or override is unknown, of the wrong type, or out of range."""
+
+
+class DataError(TokensieveError):
+    """A dataset file, split, column or example is missing or malformed."""
+
+
+class ModelError(TokensieveError):
+    """A model, tokenizer, adapter or checkpoint cannot be loaded as asked."""
