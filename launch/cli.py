@@ -1,0 +1,112 @@
+"""The `tokensieve` command line: train, data make, data check.
+
+User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
+traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
+"""
+
+import argparse
+import sys
+import traceback
+
+from tokensieve.errors import TokensieveError
+
+EXIT_USER_ERROR = 2
+
+
+def run_command(function, debug: bool = False) -> int:
+    """Call `function()`; turn a TokensieveError into a one-line message and exit status 2."""
+    try:
+        return function() or 0
+    except TokensieveError as error:
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _cmd_train(args) -> int:
+    from tokensieve.launch.launcher import launch
+
+    launch(args.recipe, args.overrides)
+    return 0
+
+
+def _cmd_data_make(args) -> int:
+    from tokensieve.data.synthetic import make_task
+
+    options = _parse_options(args.options)
+    written = make_task(args.task, args.out, n=args.n, seed=args.seed, **options)
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_data_check(args) -> int:
+    from tokensieve.data.loading import DataArguments, detect_format, load_splits
+
+    splits = load_splits(DataArguments(datasets=[{"path": args.path, "split": args.split}]))
+    for name, dataset in splits.items():
+        print(f"{name}: {len(dataset)} examples, format {detect_format(dataset)}, columns {dataset.column_names}")
+    return 0
+
+
+def _parse_options(tokens: list[str]) -> dict[str, str]:
+    """["--num_pairs", "8", "--x=y"] -> {"num_pairs": "8", "x": "y"}; the task converts the values."""
+    options, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise TokensieveError(f"data make: unexpected argument {token!r}; options are written --name value")
+        name, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(tokens):
+                raise TokensieveError(f"data make: option --{name} needs a value")
+            value, i = tokens[i + 1], i + 1
+        options[name.replace("-", "_")] = value
+        i += 1
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; later commands (curate, generate, bench, quickstart) add a subparser here."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
+    parser = argparse.ArgumentParser(prog="tokensieve", parents=[debug], description="Learned token selection.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train", parents=[debug], help="train as a recipe says",
+        description="Run a recipe. Overrides: --section.key value, or --key value for training keys. "
+        "The recipe's launch: section picks one process or an accelerate launch.",
+    )
+    train.add_argument("recipe", help="recipe YAML file, e.g. recipes/sft/lora_tiny.yaml")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    train.set_defaults(handler=_cmd_train)
+
+    data = commands.add_parser("data", parents=[debug], help="make or check datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    make = data_commands.add_parser(
+        "make", parents=[debug], help="write a synthetic task's splits",
+        description="Write <out>/<split>.jsonl and meta.json for a synthetic task; task options as --name value.",
+    )
+    make.add_argument("task", help="task name, e.g. noisy-sft, mqar, needle-qa, conditioned")
+    make.add_argument("--out", required=True, help="output folder")
+    make.add_argument("--n", type=int, default=None, help="number of training examples (default: the task's)")
+    make.add_argument("--seed", type=int, default=0, help="random seed")
+    make.set_defaults(handler=_cmd_data_make, accepts_options=True)
+    check = data_commands.add_parser("check", parents=[debug], help="load and validate a dataset, print its format")
+    check.add_argument("path", help="a .jsonl/.json/.parquet/.arrow file, a folder, or a hub dataset name")
+    check.add_argument("--split", default="train", help="split to read (hub datasets and save_to_disk folders)")
+    check.set_defaults(handler=_cmd_data_check)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `tokensieve` console script; returns the exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if extra and not getattr(args, "accepts_options", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.options = extra
+    return run_command(lambda: args.handler(args), getattr(args, "debug", False))

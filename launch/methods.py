@@ -1,0 +1,32 @@
+"""The method registry: recipe `method:` name -> (config class, trainer factory).
+
+A new method is one line here: its TRL-style config dataclass and a function that builds its trainer.
+Plain dict, no dynamic imports: a recipe can only name what is registered.
+"""
+
+from typing import Callable, NamedTuple
+
+from trl import SFTConfig, SFTTrainer
+
+
+class Method(NamedTuple):
+    """How to configure and build the trainer of one training method."""
+
+    config_class: type
+    build_trainer: Callable  # (model, args, train_dataset, eval_dataset, processing_class) -> Trainer
+
+
+def build_sft_trainer(model, args, train_dataset, eval_dataset=None, processing_class=None) -> SFTTrainer:
+    """Plain supervised fine-tuning: TRL's SFTTrainer, unchanged (the baseline every method is compared to)."""
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+    )
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method(SFTConfig, build_sft_trainer),
+}

@@ -1,0 +1,84 @@
+"""One training run in this process: recipe -> data -> model (+ LoRA) -> trainer -> checkpoint on disk."""
+
+import os
+from pathlib import Path
+
+import yaml
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from tokensieve.data.loading import load_splits
+from tokensieve.errors import ModelError
+from tokensieve.launch.methods import METHODS
+from tokensieve.launch.model import apply_peft, load_model_and_tokenizer
+from tokensieve.launch.recipe import Recipe
+
+BASE_MODEL_DIR = "base_model"  # where a from-scratch base is saved next to its LoRA adapter
+
+
+def dataset_texts(dataset):
+    """Yield every text of a prompt/completion, messages or text dataset (to train a tokenizer on)."""
+    for row in dataset:
+        for column in ("prompt", "completion", "text", "messages"):
+            value = row.get(column)
+            if isinstance(value, str):
+                yield value
+            elif isinstance(value, list):  # conversational: a list of {"role", "content"} messages
+                for message in value:
+                    if isinstance(message, dict) and isinstance(message.get("content"), str):
+                        yield message["content"]
+
+
+def resolve_checkpoint(training) -> str | None:
+    """The checkpoint to resume from: "auto" means the last one in output_dir (None when there is none)."""
+    value = training.resume_from_checkpoint
+    if value in (None, ""):
+        return None
+    if value == "auto":
+        return get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
+    if not os.path.isdir(value):
+        raise ModelError(f"training.resume_from_checkpoint: checkpoint folder not found: {value}")
+    return value
+
+
+def run_training(recipe: Recipe):
+    """Train as `recipe` says, in the current process (or as one rank of an accelerate launch).
+
+    Saves the final model (or LoRA adapter) and the tokenizer to training.output_dir and returns the
+    trainer's TrainOutput (global_step, training_loss, metrics).
+    """
+    args = recipe.training
+    set_seed(args.seed)  # the from-scratch initialisation and the LoRA init depend on it
+    splits = load_splits(recipe.data)
+    train_dataset, eval_dataset = splits["train"], splits.get("test")
+
+    texts = dataset_texts(train_dataset) if recipe.model.from_scratch and not recipe.model.tokenizer_name_or_path else None
+    model, tokenizer = load_model_and_tokenizer(recipe.model, texts)
+    output_dir = Path(args.output_dir)
+    is_main = args.process_index == 0
+    if recipe.peft is not None:
+        if recipe.model.from_scratch is not None and is_main:
+            # A LoRA adapter is useless without its random base: keep the base next to it.
+            model.save_pretrained(output_dir / BASE_MODEL_DIR)
+            tokenizer.save_pretrained(output_dir / BASE_MODEL_DIR)
+        model = apply_peft(model, recipe.peft)
+        if recipe.model.from_scratch is not None:
+            model.peft_config["default"].base_model_name_or_path = str((output_dir / BASE_MODEL_DIR).resolve())
+        if args.gradient_checkpointing:
+            model.enable_input_require_grads()  # checkpointed frozen embeddings need grads on their outputs
+
+    # One line per rank, so multi-process runs show that every rank took part.
+    print(f"[tokensieve] rank {args.process_index} of {args.world_size}: {recipe.method} on "
+          f"{len(train_dataset)} training examples -> {output_dir}", flush=True)
+    trainer = METHODS[recipe.method].build_trainer(
+        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer
+    )
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")
+    result = trainer.train(resume_from_checkpoint=resolve_checkpoint(args))
+    trainer.save_model(str(output_dir))  # the model or adapter and the tokenizer (processing_class)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    return result
