@@ -41,6 +41,14 @@ class DataArguments:
             "(a save_to_disk folder or a folder of data files). Several sources are concatenated and shuffled."
         },
     )
+    curriculum: list[DatasetConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "Sources trained on first, in their own row order, before the shuffled `datasets` mixture "
+            "(e.g. a warm-up task). Needs training.train_sampling_strategy: sequential, or the trainer's "
+            "sampler shuffles everything together again."
+        },
+    )
     eval_datasets: list[DatasetConfig] = field(
         default_factory=list,
         metadata={"help": "Evaluation sources, same form as `datasets`; they make the 'test' split."},
@@ -64,6 +72,7 @@ class DataArguments:
 
     def __post_init__(self):
         self.datasets = _as_configs(self.datasets, "datasets")
+        self.curriculum = _as_configs(self.curriculum, "curriculum")
         self.eval_datasets = _as_configs(self.eval_datasets, "eval_datasets")
         if self.test_split_size is not None:
             if self.eval_datasets:
@@ -114,6 +123,15 @@ def load_splits(args: DataArguments) -> datasets.DatasetDict:
         raise DataError("data.datasets is empty: give at least one dataset (a hub name, a file or a folder).")
     # In memory: shuffle indices would otherwise be cached as files, even inside the user's save_to_disk folder.
     train = _load_mixture(args.datasets).shuffle(seed=args.shuffle_seed, keep_in_memory=True)
+    if args.curriculum:
+        first = [_load_mixture([config]) for config in args.curriculum]
+        try:
+            train = datasets.concatenate_datasets([*first, train])
+        except ValueError as error:
+            raise DataError(
+                f"data.curriculum cannot precede data.datasets: their columns differ ({error}); "
+                "select the shared ones with `columns:`."
+            ) from error
     splits = {"train": train}
     if args.eval_datasets:
         splits["test"] = _load_mixture(args.eval_datasets)

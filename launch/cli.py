@@ -1,4 +1,4 @@
-"""The `tokensieve` command line: train, data make, data check.
+"""The `tokensieve` command line: train, eval, data make, data check.
 
 User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
 traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
@@ -29,6 +29,14 @@ def _cmd_train(args) -> int:
     from tokensieve.launch.launcher import launch
 
     launch(args.recipe, args.overrides)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from tokensieve.launch.evaluate import evaluate_files
+
+    evaluate_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
+                   output=args.output)
     return 0
 
 
@@ -84,13 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     train.set_defaults(handler=_cmd_train)
 
+    evaluate = commands.add_parser(
+        "eval", parents=[debug], help="exact match of greedy generation on prompt/completion files",
+        description="Greedy-generate each prompt and compare with its completion (both stripped).",
+    )
+    evaluate.add_argument("model", help="model folder or hub name")
+    evaluate.add_argument("--data", action="append", required=True, help="prompt/completion file (repeatable)")
+    evaluate.add_argument("--max-examples", type=int, default=None, help="first N examples of each file")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    evaluate.add_argument("--output", default=None, help="write the results as JSON here")
+    evaluate.set_defaults(handler=_cmd_eval)
+
     data = commands.add_parser("data", parents=[debug], help="make or check datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     make = data_commands.add_parser(
         "make", parents=[debug], help="write a synthetic task's splits",
         description="Write <out>/<split>.jsonl and meta.json for a synthetic task; task options as --name value.",
     )
-    make.add_argument("task", help="task name, e.g. noisy-sft, mqar, needle-qa, conditioned")
+    make.add_argument("task", help="task name: noisy-sft, mqar, needle-qa, conditioned, induction")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--n", type=int, default=None, help="number of training examples (default: the task's)")
     make.add_argument("--seed", type=int, default=0, help="random seed")

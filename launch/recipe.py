@@ -248,6 +248,11 @@ def load_recipe(path, overrides: list[str] | None = None) -> Recipe:
         training_raw = {**training_raw, "resume_from_checkpoint": "auto" if training_raw["resume_from_checkpoint"] else None}
     training = build_dataclass(config_class, training_raw, "training", where)
     launch = build_dataclass(LaunchArguments, raw.get("launch"), "launch", where)
+    if data.curriculum and getattr(training, "train_sampling_strategy", None) != "sequential":
+        raise RecipeError(
+            f"{where}: data.curriculum needs training.train_sampling_strategy: sequential "
+            f"(got {getattr(training, 'train_sampling_strategy', None)!r}); otherwise the sampler reshuffles it."
+        )
     peft = None
     if raw.get("peft") is not None:
         from peft import LoraConfig

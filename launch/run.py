@@ -7,7 +7,9 @@ import yaml
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from tokensieve.data.formats import detect_format, is_conversational
 from tokensieve.data.loading import load_splits
+from tokensieve.data.tokenize import tokenize_prompt_completion
 from tokensieve.errors import ModelError
 from tokensieve.launch.methods import METHODS
 from tokensieve.launch.model import apply_peft, load_model_and_tokenizer
@@ -66,6 +68,13 @@ def run_training(recipe: Recipe):
             model.peft_config["default"].base_model_name_or_path = str((output_dir / BASE_MODEL_DIR).resolve())
         if args.gradient_checkpointing:
             model.enable_input_require_grads()  # checkpointed frozen embeddings need grads on their outputs
+
+    if detect_format(train_dataset) == "prompt_completion" and not is_conversational(train_dataset, "prompt_completion"):
+        # Same columns TRL would build, tokenized in batches (TRL goes one row at a time).
+        with args.main_process_first(desc="tokenizing"):
+            train_dataset = tokenize_prompt_completion(train_dataset, tokenizer, args.dataset_num_proc)
+            if eval_dataset is not None:
+                eval_dataset = tokenize_prompt_completion(eval_dataset, tokenizer, args.dataset_num_proc)
 
     # One line per rank, so multi-process runs show that every rank took part.
     print(f"[tokensieve] rank {args.process_index} of {args.world_size}: {recipe.method} on "

@@ -22,7 +22,7 @@ def rows(task, split="train", n=400, seed=0, **options):
 
 
 def test_registry_names_all_tasks():
-    assert set(TASKS) == {"noisy-sft", "mqar", "needle-qa", "conditioned"}
+    assert set(TASKS) == {"noisy-sft", "mqar", "needle-qa", "conditioned", "induction"}
     assert TASKS["noisy-sft"] is noisy_sft and TASKS["conditioned"] is conditioned
 
 
@@ -163,7 +163,7 @@ def test_make_task_output_loads_and_validates(tmp_path):
 
 
 def test_make_task_errors(tmp_path):
-    with pytest.raises(TokensieveError, match=r"unknown task 'nope'; valid tasks: \['conditioned', 'mqar'"):
+    with pytest.raises(TokensieveError, match=r"unknown task 'nope'; valid tasks: \['conditioned', 'induction', 'mqar'"):
         make_task("nope", tmp_path)
     with pytest.raises(TokensieveError, match=r"unknown option\(s\) \['noise'\]; valid options: .*'noise_fraction'"):
         make_task("noisy-sft", tmp_path, noise="0.1")

@@ -1,9 +1,12 @@
 """Needle QA: a long context of short facts, then one question whose answer depends on one fact.
 
-Each fact reads "<name> <relation> <value> ." ("nora owns lamp ."); every name appears in at most
-one fact of a context, and the relations share one small vocabulary each, so the other facts are
-real distractors. The question repeats the name and relation: prompt = facts + " ? nora owns",
-completion = " lamp". `needle_index` records which fact answers the question.
+Each fact is predicate-first, "<relation> <name> <value> ." ("owns nora lamp ."); every name appears
+in at most one fact of a context, and the relations share one small vocabulary each, so the other
+facts are real distractors. The question repeats the relation and the name: prompt = facts +
+" ? owns nora", completion = " lamp". (With "nora owns lamp ." the answer sits two words after the
+name, and a two-layer model learns that match far more slowly.) `needle_index` records which fact answers the question. Training rows
+ask `train_questions` questions in a row (drawn with replacement, as in `mqar`), for denser
+supervision; test rows ask one.
 """
 
 from __future__ import annotations
@@ -32,10 +35,15 @@ RELATIONS = {
 @dataclass
 class NeedleQaOptions:
     num_facts: int = field(default=32, metadata={"help": "Facts in each context (4 words each)."})
+    train_questions: int = field(
+        default=4, metadata={"help": "Questions per training row (with replacement); test rows ask one."}
+    )
 
     def __post_init__(self):
         if not 1 <= self.num_facts <= len(NAMES):
             raise ValueError(f"num_facts must be in [1, {len(NAMES)}], got {self.num_facts}")
+        if self.train_questions < 1:
+            raise ValueError(f"train_questions must be >= 1, got {self.train_questions}")
 
 
 OPTIONS = NeedleQaOptions
@@ -52,13 +60,17 @@ def generate(split: str, n: int, seed: int, options: NeedleQaOptions) -> list[di
         for name in names:
             relation = rng.choice(relations)
             facts.append((name, relation, rng.choice(RELATIONS[relation])))
-        needle_index = rng.randrange(options.num_facts)
+        num_questions = options.train_questions if split == "train" else 1
+        asked = [rng.randrange(options.num_facts) for _ in range(num_questions)]
+        needle_index = asked[0]
         name, relation, value = facts[needle_index]
-        context = " ".join(f"{n} {r} {v} ." for n, r, v in facts)
+        context = " ".join(f"{r} {n} {v} ." for n, r, v in facts)
+        # Later questions of a training row follow the first answer: " lamp ? likes bob tea ? ...".
+        more = "".join(f" ? {facts[i][1]} {facts[i][0]} {facts[i][2]}" for i in asked[1:])
         rows.append(
             {
-                "prompt": f"{context} ? {name} {relation}",
-                "completion": f" {value}",
+                "prompt": f"{context} ? {relation} {name}",
+                "completion": f" {value}{more}",
                 "task": "needle-qa",
                 "answer": value,
                 "needle_index": needle_index,

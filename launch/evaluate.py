@@ -1,0 +1,62 @@
+"""Exact-match evaluation: greedy generation on prompt/completion test files, compared with the completions.
+
+`tokensieve eval MODEL --data FILE [--data FILE ...]` prints one row per file and can write the numbers as
+JSON. A prediction is correct when the generated text, cut at EOS and stripped, equals the stripped
+completion. Prompts are left-padded and generated in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tokensieve.data.loading import DataArguments, load_splits
+from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
+                max_new_tokens: int | None = None, desc: str = "generate") -> tuple[float, list[str]]:
+    """Share of prompts whose greedy continuation equals the answer (both stripped); also the predictions."""
+    tokenizer.padding_side = "left"
+    predictions = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
+        batch_prompts = prompts[start : start + batch_size]
+        batch_answers = answers[start : start + batch_size]
+        # Room for the longest answer of the batch plus EOS, unless the caller fixes it.
+        budget = max_new_tokens or 1 + max(len(tokenizer(a)["input_ids"]) for a in batch_answers)
+        inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
+        output = model.generate(
+            **inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        predictions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+    return correct / max(len(prompts), 1), predictions
+
+
+def evaluate_files(model_path: str, files: list[str], max_examples: int | None = None, batch_size: int = 64,
+                   output: str | None = None) -> dict[str, dict]:
+    """Exact match of the model at `model_path` on each prompt/completion file; optionally saved as JSON."""
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=model_path))
+    model.eval()
+    results = {}
+    for path in files:
+        data = load_splits(DataArguments(datasets=[{"path": path}], shuffle_seed=0, max_train_samples=max_examples))
+        rows = data["train"]
+        score, _ = exact_match(model, tokenizer, rows["prompt"], rows["completion"], batch_size=batch_size,
+                               desc=os.path.basename(path))
+        results[path] = {"exact_match": score, "examples": len(rows)}
+        print(f"{path}: exact match {score:.4f} on {len(rows)} examples", flush=True)
+    if output:
+        target = Path(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(target.name + ".tmp")
+        temporary.write_text(json.dumps({"model": model_path, "results": results}, indent=2), encoding="utf-8")
+        os.replace(temporary, target)
+    return results
