@@ -36,7 +36,7 @@ def _cmd_eval(args) -> int:
     from tokensieve.launch.evaluate import evaluate_files
 
     evaluate_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
-                   output=args.output)
+                   max_new_tokens=args.max_new_tokens, output=args.output)
     return 0
 
 
@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", action="append", required=True, help="prompt/completion file (repeatable)")
     evaluate.add_argument("--max-examples", type=int, default=None, help="first N examples of each file")
     evaluate.add_argument("--batch-size", type=int, default=64, help="prompts per generate call")
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="tokens to generate (default: the longest answer of the batch + 1)")
     evaluate.add_argument("--output", default=None, help="write the results as JSON here")
     evaluate.set_defaults(handler=_cmd_eval)
 

@@ -41,7 +41,7 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
 
 
 def evaluate_files(model_path: str, files: list[str], max_examples: int | None = None, batch_size: int = 64,
-                   output: str | None = None) -> dict[str, dict]:
+                   max_new_tokens: int | None = None, output: str | None = None) -> dict[str, dict]:
     """Exact match of the model at `model_path` on each prompt/completion file; optionally saved as JSON."""
     model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=model_path))
     model.eval()
@@ -50,7 +50,7 @@ def evaluate_files(model_path: str, files: list[str], max_examples: int | None =
         data = load_splits(DataArguments(datasets=[{"path": path}], shuffle_seed=0, max_train_samples=max_examples))
         rows = data["train"]
         score, _ = exact_match(model, tokenizer, rows["prompt"], rows["completion"], batch_size=batch_size,
-                               desc=os.path.basename(path))
+                               max_new_tokens=max_new_tokens, desc=os.path.basename(path))
         results[path] = {"exact_match": score, "examples": len(rows)}
         print(f"{path}: exact match {score:.4f} on {len(rows)} examples", flush=True)
     if output:

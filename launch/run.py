@@ -71,10 +71,11 @@ def run_training(recipe: Recipe):
 
     if detect_format(train_dataset) == "prompt_completion" and not is_conversational(train_dataset, "prompt_completion"):
         # Same columns TRL would build, tokenized in batches (TRL goes one row at a time).
+        completion_only = args.completion_only_loss is not False  # TRL's default (None) is on for this format
         with args.main_process_first(desc="tokenizing"):
-            train_dataset = tokenize_prompt_completion(train_dataset, tokenizer, args.dataset_num_proc)
+            train_dataset = tokenize_prompt_completion(train_dataset, tokenizer, completion_only, args.dataset_num_proc)
             if eval_dataset is not None:
-                eval_dataset = tokenize_prompt_completion(eval_dataset, tokenizer, args.dataset_num_proc)
+                eval_dataset = tokenize_prompt_completion(eval_dataset, tokenizer, completion_only, args.dataset_num_proc)
 
     # One line per rank, so multi-process runs show that every rank took part.
     print(f"[tokensieve] rank {args.process_index} of {args.world_size}: {recipe.method} on "

@@ -12,7 +12,8 @@ from tokensieve.errors import RecipeError
 from tokensieve.launch.recipe import load_recipe
 
 
-def test_batched_tokenization_matches_trl(tiny_tokenizer, tiny_llama, tmp_path):
+@pytest.mark.parametrize("completion_only_loss", [None, False])
+def test_batched_tokenization_matches_trl(tiny_tokenizer, tiny_llama, tmp_path, completion_only_loss):
     rows = [
         {"prompt": "what is k3 ?", "completion": " v7"},
         {"prompt": "sort: b a c", "completion": " a b c"},
@@ -20,19 +21,20 @@ def test_batched_tokenization_matches_trl(tiny_tokenizer, tiny_llama, tmp_path):
         {"prompt": "ends with a space ", "completion": "tail"},  # tokens may merge across the boundary
     ]
     dataset = datasets.Dataset.from_list(rows)
-    tokenized = tokenize_prompt_completion(dataset, tiny_tokenizer)
-    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=None)
+    tokenized = tokenize_prompt_completion(dataset, tiny_tokenizer, completion_only_loss is not False)
+    args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=None,
+                     completion_only_loss=completion_only_loss)
 
     def prepared(train_dataset):
         trainer = SFTTrainer(model=tiny_llama, args=args, train_dataset=train_dataset, processing_class=tiny_tokenizer)
         return trainer.train_dataset
 
-    # TRL turns completion_mask into labels (-100 on the prompt) for pre-tokenized data too.
+    # TRL builds labels from completion_mask itself; ours come ready-made and must be the same.
     ours, theirs = prepared(tokenized), prepared(dataset)
     assert ours["input_ids"] == theirs["input_ids"]
     assert ours["labels"] == theirs["labels"]
     assert all(ids[-1] == tiny_tokenizer.eos_token_id for ids in tokenized["input_ids"])
-    assert any(-100 in labels for labels in ours["labels"])
+    assert any(-100 in labels for labels in ours["labels"]) == (completion_only_loss is not False)
 
 
 def _write(path, rows):

@@ -36,7 +36,7 @@ RELATIONS = {
 class NeedleQaOptions:
     num_facts: int = field(default=32, metadata={"help": "Facts in each context (4 words each)."})
     train_questions: int = field(
-        default=4, metadata={"help": "Questions per training row (with replacement); test rows ask one."}
+        default=8, metadata={"help": "Questions per training row (with replacement); test rows ask one."}
     )
 
     def __post_init__(self):

@@ -5,9 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 start=$(date +%s)
-tokensieve data make induction --out outputs/data/induction --n 9600 >/dev/null
-tokensieve data make mqar --out outputs/data/mqar --n 12800 >/dev/null
-tokensieve data make needle-qa --out outputs/data/needle-qa --n 12800 >/dev/null
+tokensieve data make induction --out outputs/data/induction --n 35200 >/dev/null
+tokensieve data make mqar --out outputs/data/mqar --n 9600 >/dev/null
+tokensieve data make needle-qa --out outputs/data/needle-qa --n 16000 >/dev/null
 tokensieve train recipes/base/tiny_recall.yaml "$@"
 trained=$(date +%s)
 tokensieve eval outputs/base/tiny_recall --data data/tasks/mqar/test.jsonl --data data/tasks/needle-qa/test.jsonl \
