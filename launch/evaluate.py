@@ -1,8 +1,10 @@
 """Exact-match evaluation: greedy generation on prompt/completion test files, compared with the completions.
 
 `tokensieve eval MODEL --data FILE [--data FILE ...]` prints one row per file and can write the numbers as
-JSON. A prediction is correct when the generated text, cut at EOS and stripped, equals the stripped
-completion. Prompts are left-padded and generated in batches.
+JSON. A prediction is correct when the first tokens generated equal the completion's tokens: generation is
+cut at the answer's length, so a model trained to go on after the answer (the multi-question training rows
+of mqar and needle-qa) is judged on the answer alone; EOS is not required. Prompts are left-padded and
+generated in batches.
 """
 
 from __future__ import annotations
@@ -21,22 +23,25 @@ from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
 @torch.no_grad()
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
                 max_new_tokens: int | None = None, desc: str = "generate") -> tuple[float, list[str]]:
-    """Share of prompts whose greedy continuation equals the answer (both stripped); also the predictions."""
+    """Share of prompts whose greedy continuation starts with the answer's tokens; also the predictions.
+
+    Each prediction is the generated text cut at the answer's token count (or at `max_new_tokens`).
+    """
     tokenizer.padding_side = "left"
-    predictions = []
+    predictions, correct = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch_prompts = prompts[start : start + batch_size]
-        batch_answers = answers[start : start + batch_size]
-        # Room for the longest answer of the batch plus EOS, unless the caller fixes it.
-        budget = max_new_tokens or 1 + max(len(tokenizer(a)["input_ids"]) for a in batch_answers)
+        answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
+        budget = max_new_tokens or max(len(ids) for ids in answer_ids)
         inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
         output = model.generate(
             **inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
-        predictions += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    correct = sum(p.strip() == a.strip() for p, a in zip(predictions, answers))
+        for generated, ids in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids):
+            length = min(len(ids), budget) if max_new_tokens is None else budget
+            correct += generated[: len(ids)] == ids
+            predictions.append(tokenizer.decode(generated[:length], skip_special_tokens=True))
     return correct / max(len(prompts), 1), predictions
 
 

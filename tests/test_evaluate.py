@@ -12,10 +12,13 @@ def test_batched_generation_matches_one_by_one(tiny_llama, tiny_tokenizer):
     _, one_by_one = exact_match(tiny_llama, tiny_tokenizer, PROMPTS, ["?"] * 4, batch_size=1, max_new_tokens=4)
     score, batched = exact_match(tiny_llama, tiny_tokenizer, PROMPTS, ["?"] * 4, batch_size=4, max_new_tokens=4)
     assert batched == one_by_one
-    # The model's own continuations are right by definition; other answers are wrong.
+    # The model's own continuations are right by definition; other answers are wrong. Generation is cut at
+    # the answer's length, so a model that goes on after the answer is judged on the answer alone.
     assert exact_match(tiny_llama, tiny_tokenizer, PROMPTS, batched, max_new_tokens=4)[0] == 1.0
     wrong = [p + " never" for p in batched]
     assert exact_match(tiny_llama, tiny_tokenizer, PROMPTS, wrong, max_new_tokens=4)[0] == 0.0
+    prefixes = [tiny_tokenizer.decode(tiny_tokenizer(p)["input_ids"][:1]) for p in batched]
+    assert exact_match(tiny_llama, tiny_tokenizer, PROMPTS, prefixes)[0] == 1.0
 
 
 def test_eval_command_writes_json(tiny_llama, tiny_tokenizer, tmp_path, capsys):
@@ -23,7 +26,7 @@ def test_eval_command_writes_json(tiny_llama, tiny_tokenizer, tmp_path, capsys):
     tiny_llama.save_pretrained(model_dir)
     tiny_tokenizer.save_pretrained(model_dir)
     _, predictions = exact_match(tiny_llama, tiny_tokenizer, PROMPTS[:2], ["?", "?"], max_new_tokens=3)
-    rows = [{"prompt": p, "completion": " " + predictions[0].strip()} for p in PROMPTS[:1]]
+    rows = [{"prompt": PROMPTS[0], "completion": predictions[0]}]  # the model's own 3 tokens, decoded
     rows.append({"prompt": PROMPTS[1], "completion": " surely not this"})
     data = tmp_path / "test.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 start=$(date +%s)
-tokensieve data make induction --out outputs/data/induction --n 35200 >/dev/null
+tokensieve data make induction --out outputs/data/induction --n 22400 >/dev/null
 tokensieve data make mqar --out outputs/data/mqar --n 9600 >/dev/null
 tokensieve data make needle-qa --out outputs/data/needle-qa --n 16000 >/dev/null
 tokensieve train recipes/base/tiny_recall.yaml "$@"
