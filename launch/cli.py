@@ -61,19 +61,10 @@ def _cmd_data_check(args) -> int:
 
 def _parse_options(tokens: list[str]) -> dict[str, str]:
     """["--num_pairs", "8", "--x=y"] -> {"num_pairs": "8", "x": "y"}; the task converts the values."""
-    options, i = {}, 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or len(token) == 2:
-            raise TokensieveError(f"data make: unexpected argument {token!r}; options are written --name value")
-        name, sep, value = token[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(tokens):
-                raise TokensieveError(f"data make: option --{name} needs a value")
-            value, i = tokens[i + 1], i + 1
-        options[name.replace("-", "_")] = value
-        i += 1
-    return options
+    from tokensieve.launch.flags import split_flags
+
+    pairs = split_flags(tokens, "data make: option", "--num_pairs 8", error=TokensieveError)
+    return {name.replace("-", "_"): value for name, value in pairs}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ import yaml
 
 from tokensieve.data.loading import DataArguments
 from tokensieve.errors import RecipeError
+from tokensieve.launch.flags import split_flags
 from tokensieve.launch.methods import METHODS
 from tokensieve.launch.model import ModelArguments
 from tokensieve.launch.schema import build_dataclass, check_section, init_fields, unknown_key_error
@@ -150,18 +151,8 @@ def _read_yaml(path: Path) -> dict:
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     """Turn ["--a.b", "1", "--c=x"] into [("a.b", 1), ("c", "x")]; values are read as YAML (read_yaml)."""
-    pairs, i = [], 0
-    while i < len(overrides):
-        token = overrides[i]
-        if not token.startswith("--") or len(token) == 2:
-            raise RecipeError(f"override {token!r}: expected --key value (e.g. --training.learning_rate 1e-4)")
-        key, sep, text = token[2:].partition("=")
-        if not sep:
-            if i + 1 >= len(overrides):
-                raise RecipeError(f"override --{key}: missing value")
-            text = overrides[i + 1]
-            i += 1
-        i += 1
+    pairs = []
+    for key, text in split_flags(overrides, "override", "--training.learning_rate 1e-4"):
         try:
             pairs.append((key, read_yaml(text)))
         except yaml.YAMLError:
