@@ -23,16 +23,17 @@ def tokenize_prompt_completion(
     """Add `input_ids`, `completion_mask` and `labels` to a plain-text prompt/completion dataset (others kept).
 
     `labels` are -100 on prompt tokens when `completion_only_loss` (TRL's default for this format), else
-    equal to `input_ids`.
-    As in TRL, EOS is appended to the completion (unless it already ends with it), and the completion starts where the tokenized prompt and
-    the tokenized prompt + completion first differ (a merge across the boundary moves it left).
+    equal to `input_ids`. As in TRL, EOS is appended to the completion (unless it already ends with it), and
+    the completion starts where the tokenized prompt and the tokenized prompt + completion first differ (a
+    merge across the boundary moves it left).
     """
     eos = tokenizer.eos_token
 
     def encode(batch):
         # Special tokens (a BOS, where the tokenizer adds one) as TRL's own tokenization adds them.
         prompts = tokenizer(batch["prompt"])["input_ids"]
-        full = tokenizer([p + (c if c.endswith(eos) else c + eos) for p, c in zip(batch["prompt"], batch["completion"])])["input_ids"]
+        texts = [p + (c if c.endswith(eos) else c + eos) for p, c in zip(batch["prompt"], batch["completion"])]
+        full = tokenizer(texts)["input_ids"]
         masks, labels = [], []
         for prompt_ids, ids in zip(prompts, full):
             start = common_prefix_length(prompt_ids, ids)

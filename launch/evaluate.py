@@ -39,9 +39,9 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
             eos_token_id=tokenizer.eos_token_id,
         )
         for generated, ids in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids):
-            length = min(len(ids), budget) if max_new_tokens is None else budget
             correct += generated[: len(ids)] == ids
-            predictions.append(tokenizer.decode(generated[:length], skip_special_tokens=True))
+            shown = generated if max_new_tokens else generated[: len(ids)]
+            predictions.append(tokenizer.decode(shown, skip_special_tokens=True))
     return correct / max(len(prompts), 1), predictions
 
 
