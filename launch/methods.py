@@ -8,6 +8,8 @@ from typing import Callable, NamedTuple
 
 from trl import SFTConfig, SFTTrainer
 
+from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
+
 
 class Method(NamedTuple):
     """How to configure and build the trainer of one training method."""
@@ -27,6 +29,18 @@ def build_sft_trainer(model, args, train_dataset, eval_dataset=None, processing_
     )
 
 
+def build_token_loss_trainer(model, args, train_dataset, eval_dataset=None, processing_class=None) -> TokenLossTrainer:
+    """Token-level selection or weighting (ssToken, Rho-1, PRIOR, column weights, DFT): see trainers/token_loss.py."""
+    return TokenLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+    )
+
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, build_sft_trainer),
+    "token_loss": Method(TokenLossConfig, build_token_loss_trainer),
 }

@@ -1,0 +1,129 @@
+"""History and reference models for token scoring: the EMA of the trainable parameters, frozen copies, loaded models.
+
+Every scoring pass runs under no_grad in eval mode and returns per-token log-probabilities [B, T-1] aligned with
+labels[:, 1:] (TRL's fused LM head, so no [B, T, V] logits are built).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from trl.trainer.utils import add_fused_lm_head
+
+from tokensieve.errors import ModelError
+
+EMA_FILE = "history_ema.safetensors"
+
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """No dropout for a scoring pass; the previous mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+    """log p(label_t | tokens < t) for t >= 1, [B, T-1]; 0 where the label is -100. `model` has a fused LM head."""
+    with eval_mode(model):
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        use_cache=False)
+    return outputs.log_probs.float()
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` as it is now (the `base` history model of full fine-tuning: costs one more copy)."""
+    twin = copy.deepcopy(model)
+    twin.__dict__.pop("forward", None)  # a patched forward would still call the original model
+    add_fused_lm_head(twin)
+    return twin.eval().requires_grad_(False)
+
+
+def load_reference_model(name_or_path: str, like: nn.Module, trust_remote_code: bool = False) -> nn.Module:
+    """A reference model from a hub name or a local folder, frozen, with the dtype and device of `like`."""
+    from transformers import AutoModelForCausalLM
+
+    parameter = next(like.parameters())
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=parameter.dtype,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"reference model {name_or_path!r} could not be loaded: {error}") from error
+    add_fused_lm_head(model)
+    return model.to(parameter.device).eval().requires_grad_(False)
+
+
+class ParameterEma:
+    """theta_his <- alpha * theta_his + (1 - alpha) * theta over the trainable parameters only (METHODS.md s.1).
+
+    Under LoRA that is the adapter weights, so the EMA history costs a few MB. `swapped_in` lets the model itself
+    run with the EMA weights (tensor swap, no copy), so no second model is kept.
+    """
+
+    def __init__(self, model: nn.Module, alpha: float, interval: int = 1):
+        self.alpha, self.interval = alpha, interval
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if not self.shadow:
+            raise ModelError("history_model 'ema': the model has no trainable parameters to average")
+        self.updated_at = 0  # the global step of the last update (history-model age = step - updated_at)
+
+    def _parameters(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        missing = [n for n in self.shadow if n not in params]
+        if missing:
+            raise ModelError(f"EMA state names parameters the model lacks, e.g. {missing[0]}")
+        return {n: params[n] for n in self.shadow}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        if step % self.interval:
+            return
+        for name, param in self._parameters(model).items():
+            self.shadow[name].lerp_(param.detach().to(self.shadow[name].dtype), 1.0 - self.alpha)
+        self.updated_at = step
+
+    @contextmanager
+    def swapped_in(self, model: nn.Module):
+        params = self._parameters(model)
+
+        def swap():
+            for name, param in params.items():
+                param.data, self.shadow[name] = self.shadow[name], param.data
+
+        swap()
+        try:
+            yield model
+        finally:
+            swap()
+
+    def save(self, folder: str) -> None:
+        """Write the EMA state into a checkpoint folder (temporary name, then rename)."""
+        path = os.path.join(folder, EMA_FILE)
+        save_file({n: t.contiguous() for n, t in self.shadow.items()}, path + ".tmp",
+                  metadata={"updated_at": str(self.updated_at), "alpha": str(self.alpha)})
+        os.replace(path + ".tmp", path)
+
+    def load(self, folder: str) -> bool:
+        """Read the EMA state of a checkpoint folder; False when it has none (a run started without EMA)."""
+        path = os.path.join(folder, EMA_FILE)
+        if not os.path.exists(path):
+            return False
+        state = load_file(path)
+        if set(state) != set(self.shadow):
+            raise ModelError(f"{path}: EMA state does not match the model's trainable parameters")
+        for name, tensor in state.items():
+            self.shadow[name].copy_(tensor)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            self.updated_at = int(handle.metadata().get("updated_at", 0))
+        return True

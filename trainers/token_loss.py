@@ -1,0 +1,360 @@
+"""One trainer for token-level loss selection and token-weighted next-token prediction.
+
+    loss = sum_t w_t * CE_t / Z        (over the response tokens of the whole accumulated global batch)
+
+A scorer decides the weights w (METHODS.md sections 1-3):
+    sstoken  0/1: top rho of each sample by gamma * minmax(L_his - L_cur) + (1 - gamma) * attention-to-prompt
+    rho1     0/1: top ratio of the batch by excess loss L_cur - L_ref
+    random   0/1: a random selection at the same ratio (the control for any selection)
+    prior    (1 - p_ref)^alpha, mean 1 per sequence; the reference scores the response without its condition
+    column   weights (or a 0/1 mask) read from a dataset column, e.g. written by `tokensieve curate`
+    dft      p_t, detached
+    none     1 (plain SFT through the same code path)
+Z is the number of kept tokens (selections: known from the labels alone, sum of ceil(rho * n) per sample or
+per micro-batch), the sum of the column weights, or the number of response tokens (prior, dft, none); it is
+counted over all micro-batches of an optimizer step and all ranks before any forward, so the loss and gradients
+do not depend on how the global batch is split.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from tokensieve.selectors.token_scores import (
+    attention_to_prompt,
+    capture_attention_inputs,
+    dft_weights,
+    excess_loss_select,
+    kept_count,
+    prior_weights,
+    sstoken_select,
+    top_k_per_row,
+)
+from tokensieve.trainers.history import ParameterEma, frozen_copy, load_reference_model, token_logprobs
+from tokensieve.trainers.token_columns import (
+    EXAMPLE_INDEX,
+    TokenColumnCollator,
+    add_reference_inputs,
+    check_token_column,
+)
+
+SCORERS = ("sstoken", "rho1", "random", "prior", "column", "dft", "none")
+HISTORY_MODES = ("base", "ema", "offline")
+SELECTION_LEVELS = ("sample", "batch")
+
+
+@dataclass
+class TokenLossConfig(SFTConfig):
+    """SFTConfig plus the token scorer and its options. Defaults follow METHODS.md."""
+
+    token_scorer: str = field(default="sstoken", metadata={"help": f"How tokens are weighted: one of {SCORERS}."})
+    select_ratio: float = field(
+        default=0.6,
+        metadata={"help": "Share of response tokens kept by sstoken (rho), rho1 and random selection, in (0, 1]."},
+    )
+    selection_level: str = field(
+        default="sample",
+        metadata={"help": "sstoken/random: keep the top share of each sample ('sample') or of the micro-batch "
+                          "('batch'). rho1 always selects per batch."},
+    )
+    gamma: float = field(default=0.5, metadata={"help": "ssToken: weight of the loss-difference score vs attention."})
+    gamma_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "ssToken: optimizer steps at the start that use gamma = 0 (attention only), while the "
+                          "history and current models are still nearly the same."},
+    )
+    attention_layer: int = field(
+        default=-1, metadata={"help": "ssToken: decoder layer whose attention to the prompt is recomputed."}
+    )
+    attention_sink_tokens: int = field(
+        default=0, metadata={"help": "ssToken: leave the first N prompt tokens (attention sinks) out of the score."}
+    )
+    history_model: str = field(
+        default="base",
+        metadata={"help": "ssToken history model: 'base' (LoRA: adapters disabled; full fine-tuning: a frozen copy "
+                          "of the start), 'ema' (EMA of the trainable parameters) or 'offline' (a dataset column)."},
+    )
+    ema_alpha: float = field(default=0.99, metadata={"help": "ssToken EMA history: theta_his <- a*theta_his + (1-a)*theta."})
+    ema_update_interval: int = field(default=1, metadata={"help": "ssToken EMA history: update every N optimizer steps."})
+    history_loss_column: str = field(
+        default="history_loss",
+        metadata={"help": "ssToken offline history: column of per-response-token history losses."},
+    )
+    reference_model: str = field(
+        default="base",
+        metadata={"help": "rho1/prior reference: 'base' (the starting model: adapters disabled under LoRA, else a "
+                          "frozen copy) or a hub name / local path."},
+    )
+    reference_prompt_column: str | None = field(
+        default="prompt_without_context",
+        metadata={"help": "prior: column with the prompt the reference sees (the prompt without its condition). "
+                          "None scores the full sequence."},
+    )
+    prior_alpha: float = field(default=1.0, metadata={"help": "prior: w = (1 - p_ref)^alpha."})
+    token_weights_column: str = field(
+        default="token_weights", metadata={"help": "column scorer: column of per-response-token weights (or 0/1)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.token_scorer in SCORERS, "token_scorer", f"one of {', '.join(SCORERS)}", self.token_scorer),
+            (0.0 < self.select_ratio <= 1.0, "select_ratio", "in (0, 1]", self.select_ratio),
+            (self.selection_level in SELECTION_LEVELS, "selection_level", "'sample' or 'batch'", self.selection_level),
+            (0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma),
+            (self.gamma_warmup_steps >= 0, "gamma_warmup_steps", ">= 0", self.gamma_warmup_steps),
+            (self.attention_sink_tokens >= 0, "attention_sink_tokens", ">= 0", self.attention_sink_tokens),
+            (self.history_model in HISTORY_MODES, "history_model", f"one of {', '.join(HISTORY_MODES)}",
+             self.history_model),
+            (0.0 <= self.ema_alpha < 1.0, "ema_alpha", "in [0, 1)", self.ema_alpha),
+            (self.ema_update_interval >= 1, "ema_update_interval", ">= 1", self.ema_update_interval),
+            (self.prior_alpha >= 0.0, "prior_alpha", ">= 0", self.prior_alpha),
+            (not (self.packing and self.token_columns()), "packing", "false with per-token columns", self.packing),
+        ]
+        for ok, name, expected, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+    def token_columns(self) -> list[str]:
+        """The per-token dataset columns this configuration reads."""
+        if self.token_scorer == "sstoken" and self.history_model == "offline":
+            return [self.history_loss_column]
+        if self.token_scorer == "column":
+            return [self.token_weights_column]
+        return []
+
+    @property
+    def uses_reference_prompt(self) -> bool:
+        return self.token_scorer == "prior" and self.reference_prompt_column is not None
+
+
+class _HistoryUpdate(TrainerCallback):
+    """Advance the EMA history after each optimizer step."""
+
+    def __init__(self, trainer: "TokenLossTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.ema.update(self.trainer.accelerator.unwrap_model(self.trainer.model), state.global_step)
+
+
+class TokenLossTrainer(SFTTrainer):
+    """SFTTrainer whose loss weights each response token by a pluggable scorer (see the module docstring)."""
+
+    _tag_names = ["trl", "sft", "tokensieve", "token-loss"]
+    loss_is_scaled_for_ga = True  # compute_loss divides by the global normaliser itself
+
+    def __init__(self, model, args: TokenLossConfig, *rest, **kwargs):
+        self.ema = None
+        self.frozen = None  # a frozen copy of the start model, when "base" is needed and there is no LoRA to disable
+        needs_base = (args.token_scorer == "sstoken" and args.history_model == "base") or (
+            args.token_scorer in ("rho1", "prior") and args.reference_model == "base")
+        is_peft = hasattr(model, "disable_adapter")
+        if needs_base and not is_peft:
+            self.frozen = frozen_copy(model)
+        super().__init__(model, args, *rest, **kwargs)
+        self.data_collator = TokenColumnCollator(self.data_collator, args.token_columns(),
+                                                 self.processing_class.pad_token_id, args.uses_reference_prompt)
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.frozen is not None:
+            self.frozen.to(self.args.device)
+        if args.token_scorer in ("rho1", "prior") and args.reference_model != "base":
+            trust = bool((args.model_init_kwargs or {}).get("trust_remote_code", False))
+            self.frozen = load_reference_model(args.reference_model, unwrapped, trust_remote_code=trust)
+        if args.token_scorer == "sstoken" and args.history_model == "ema":
+            self.ema = ParameterEma(unwrapped, args.ema_alpha, args.ema_update_interval)
+            self.add_callback(_HistoryUpdate(self))
+        self._rng = random.Random(args.seed)
+
+    # --- data ------------------------------------------------------------------------------------------------------
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        needs_columns = args.token_columns() or args.uses_reference_prompt
+        if needs_columns and EXAMPLE_INDEX not in dataset.column_names:
+            dataset = dataset.add_column(EXAMPLE_INDEX, list(range(len(dataset))))
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        for column in args.token_columns():
+            dataset = check_token_column(dataset, column, dataset_name, args.max_length,
+                                         keep_end=args.truncation_mode == "keep_end")
+        if args.uses_reference_prompt:
+            dataset = add_reference_inputs(dataset, processing_class, args.reference_prompt_column, dataset_name)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = self.args.token_columns() + (["reference_input_ids", "reference_labels"]
+                                             if self.args.uses_reference_prompt else [])
+        self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
+
+    # --- the normaliser --------------------------------------------------------------------------------------------
+
+    def _local_normaliser(self, batch) -> torch.Tensor:
+        """Z of one micro-batch: what the scorer's weights will sum to, from the labels (and columns) alone."""
+        mask = batch["labels"][:, 1:] != -100
+        scorer, ratio = self.args.token_scorer, self.args.select_ratio
+        if scorer in ("sstoken", "random"):
+            return torch.tensor(kept_count(mask, ratio, self.args.selection_level))
+        if scorer == "rho1":
+            return torch.tensor(kept_count(mask, ratio, "batch"))
+        if scorer == "column":
+            return batch[self.args.token_weights_column][:, 1:][mask].double().sum()
+        return mask.sum()
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        total = sum(self._local_normaliser(batch) for batch in batch_samples).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            total = self.accelerator.gather(total).sum()
+        return total
+
+    # --- scoring -----------------------------------------------------------------------------------------------------
+
+    def _base_logprobs(self, model, input_ids, attention_mask, labels) -> torch.Tensor:
+        """Per-token log-probs under the start model: LoRA adapters disabled, or the frozen copy / reference."""
+        if self.frozen is not None:
+            return token_logprobs(self.frozen, input_ids, attention_mask, labels)
+        unwrapped = self.accelerator.unwrap_model(model)
+        with unwrapped.disable_adapter():
+            return token_logprobs(unwrapped, input_ids, attention_mask, labels)
+
+    def _history_loss(self, model, inputs) -> torch.Tensor:
+        args = self.args
+        if args.history_model == "offline":
+            return inputs[args.history_loss_column][:, 1:].float()
+        if args.history_model == "ema":
+            unwrapped = self.accelerator.unwrap_model(model)
+            with self.ema.swapped_in(unwrapped):
+                return -token_logprobs(unwrapped, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        return -self._base_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+
+    def _reference_logprobs(self, model, inputs, mask) -> torch.Tensor:
+        if "reference_input_ids" not in inputs:
+            return self._base_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        ref = self._base_logprobs(model, inputs["reference_input_ids"], inputs["reference_attention_mask"],
+                                  inputs["reference_labels"])
+        ref_mask = inputs["reference_labels"][:, 1:] != -100
+        # Same response tokens in both sequences, in the same order: move the scores onto the main positions.
+        return torch.zeros(mask.shape, device=ref.device).masked_scatter(mask, ref[ref_mask])
+
+    def _attention_layer(self, model):
+        base = self.accelerator.unwrap_model(model)
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        return base.get_decoder().layers[self.args.attention_layer].self_attn
+
+    # --- the loss ----------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        extra_keys = args.token_columns() + ["reference_input_ids", "reference_attention_mask", "reference_labels"]
+        extras = {k: inputs.pop(k) for k in extra_keys if k in inputs}
+        labels = inputs["labels"]
+        mask = labels[:, 1:] != -100
+        scorer = args.token_scorer
+        stats: dict[str, torch.Tensor] = {}
+
+        # Passes that do not depend on the current weights' gradients, before the main forward.
+        if scorer == "sstoken":
+            history_loss = self._history_loss(model, {**inputs, **extras})
+        elif scorer in ("rho1", "prior"):
+            reference_logprobs = self._reference_logprobs(model, {**inputs, **extras}, mask)
+
+        capture = capture_attention_inputs(self._attention_layer(model)) if scorer == "sstoken" else nullcontext({})
+        with capture as captured:
+            outputs = model(**inputs, use_cache=False, fused_lm_head=True)
+        token_loss = -outputs.log_probs  # [B, T-1], 0 where the label is -100
+        current = token_loss.detach().float()
+
+        if scorer == "sstoken":
+            prompt = (labels == -100) & inputs["attention_mask"].bool()
+            attention = attention_to_prompt(self._attention_layer(model), captured["hidden_states"],
+                                            captured["position_embeddings"], prompt, inputs["attention_mask"],
+                                            sink_tokens=args.attention_sink_tokens)[:, :-1]
+            gamma = 0.0 if self.state.global_step < args.gamma_warmup_steps else args.gamma
+            weights = sstoken_select(history_loss, current, attention, mask, gamma, args.select_ratio,
+                                     args.selection_level).float()
+            stats["rel_sum"] = ((history_loss - current) * mask).sum()
+            stats["attention_sum"] = (attention * mask).sum()
+        elif scorer == "rho1":
+            weights = excess_loss_select(current, -reference_logprobs, mask, args.select_ratio).float()
+        elif scorer == "random":
+            generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
+            noise = torch.rand(mask.shape, generator=generator).to(mask.device)
+            if args.selection_level == "batch":
+                k = torch.tensor([kept_count(mask, args.select_ratio, "batch")], device=mask.device)
+                weights = top_k_per_row(noise.view(1, -1), mask.view(1, -1), k).view_as(mask).float()
+            else:
+                k = torch.ceil(args.select_ratio * mask.sum(1).double()).long()
+                weights = top_k_per_row(noise, mask, k).float()
+        elif scorer == "prior":
+            weights = prior_weights(reference_logprobs, mask, args.prior_alpha)
+        elif scorer == "column":
+            weights = extras[args.token_weights_column][:, 1:].float() * mask
+        elif scorer == "dft":
+            weights = dft_weights(outputs.log_probs, mask)
+        else:
+            weights = mask.float()
+
+        normaliser = num_items_in_batch if num_items_in_batch is not None else self._local_normaliser(
+            {"labels": labels, **extras})
+        loss = (weights.to(token_loss.dtype) * token_loss).sum() / torch.as_tensor(normaliser).clamp(min=1e-8)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; Z already spans them
+
+        kept = (weights > 0) & mask
+        stats.update(
+            tokens=mask.sum(), kept=kept.sum(), weight_sum=weights.sum(), weight_sq_sum=(weights**2).sum(),
+            loss_all_sum=(current * mask).sum(), loss_kept_sum=(current * kept).sum(),
+        )
+        self._record(mode, stats)
+        return (loss, outputs) if return_outputs else loss
+
+    def _record(self, mode: str, stats: dict[str, torch.Tensor]) -> None:
+        """Token statistics summed over ranks, as TRL keeps its metrics (averaged over log steps by SFTTrainer.log)."""
+        names = list(stats)
+        totals = self.accelerator.gather_for_metrics(
+            torch.stack([torch.as_tensor(stats[n], dtype=torch.float64, device=self.args.device) for n in names])[None]
+        ).sum(0)
+        s = dict(zip(names, totals.tolist()))
+        tokens, kept = max(s["tokens"], 1.0), max(s["kept"], 1.0)
+        metrics = self._metrics[mode]
+        metrics["kept_fraction"].append(s["kept"] / tokens)
+        metrics["loss_all_tokens"].append(s["loss_all_sum"] / tokens)
+        metrics["loss_kept_tokens"].append(s["loss_kept_sum"] / kept)
+        mean = s["weight_sum"] / tokens
+        metrics["weight_mean"].append(mean)
+        metrics["weight_std"].append(max(s["weight_sq_sum"] / tokens - mean**2, 0.0) ** 0.5)
+        if "rel_sum" in s:
+            metrics["rel_mean"].append(s["rel_sum"] / tokens)
+            metrics["attention_mean"].append(s["attention_sum"] / tokens)
+            age = self.state.global_step - (self.ema.updated_at if self.ema is not None else 0)
+            if self.args.history_model != "offline":
+                metrics["history_age"].append(float(age))
+
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        if self.ema is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            self.ema.save(folder)  # before the trainer state, so a checkpoint that looks complete has it
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.ema is not None and resume_from_checkpoint:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir)
+            if folder:
+                self.ema.load(folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
