@@ -1,4 +1,4 @@
-"""The `tokensieve` command line: train, eval, data make, data check.
+"""The `tokensieve` command line: train, curate, eval, data make, data check.
 
 User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
 traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
@@ -29,6 +29,18 @@ def _cmd_train(args) -> int:
     from tokensieve.launch.launcher import launch
 
     launch(args.recipe, args.overrides)
+    return 0
+
+
+def _cmd_curate(args) -> int:
+    from tokensieve.data.curation import run_curation
+    from tokensieve.launch.recipe import load_curate_recipe
+
+    summary = run_curation(load_curate_recipe(args.recipe, args.overrides))
+    print(f"scored {summary['response_tokens']} response tokens of {summary['examples_scored']} examples "
+          f"({summary['scorer']}); kept {summary['kept_tokens']} in token_mask")
+    print(f"dataset: {summary['output']} ({summary['examples_written']} examples)")
+    print(f"report: {summary['report']['report.html']}")
     return 0
 
 
@@ -82,6 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML file, e.g. recipes/sft/lora_tiny.yaml")
     train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     train.set_defaults(handler=_cmd_train)
+
+    curate = commands.add_parser(
+        "curate", parents=[debug], help="score every response token of a dataset; write per-token columns + report",
+        description="Score a dataset's response tokens as a curation recipe says (sections model, data, curate). "
+        "Overrides: --section.key value, or --key value for curate keys.",
+    )
+    curate.add_argument("recipe", help="curation recipe YAML, e.g. recipes/curate.yaml")
+    curate.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
+    curate.set_defaults(handler=_cmd_curate)
 
     evaluate = commands.add_parser(
         "eval", parents=[debug], help="exact match of greedy generation on prompt/completion files",

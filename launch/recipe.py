@@ -252,3 +252,47 @@ def load_recipe(path, overrides: list[str] | None = None) -> Recipe:
         build_dataclass(LoraConfig, dict(peft), "peft", where)  # LoraConfig's own range checks
     return Recipe(method=method, model=model, data=data, training=training, launch=launch, peft=peft,
                   path=path, raw=raw)
+
+
+CURATE_SECTIONS = ("model", "data", "curate")
+
+
+@dataclass
+class CurateRecipe:
+    """A parsed curation recipe (`tokensieve curate`): the scoring model, the data, the curate options."""
+
+    model: ModelArguments
+    data: DataArguments
+    curate: Any  # tokensieve.data.curation.CurateConfig
+    path: Path | None = None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+def load_curate_recipe(path, overrides: list[str] | None = None) -> CurateRecipe:
+    """Read a curation recipe (sections model, data, curate); bare overrides (--scorer x) set curate.<key>."""
+    from tokensieve.data.curation import CurateConfig
+
+    path = Path(path)
+    where = str(path)
+    raw = _read_yaml(path)
+    for key, value in parse_overrides(overrides or []):
+        if key.split(".", 1)[0] not in CURATE_SECTIONS:
+            if "." in key or key not in init_fields(CurateConfig):
+                error = unknown_key_error(f"curate.{key}" if "." not in key else key, list(init_fields(CurateConfig)),
+                                          where, "CurateConfig")
+                raise RecipeError(f"{error} (from override --{key}; bare keys set curate.<key>)")
+            key = f"curate.{key}"
+        _set_dotted(raw, key, value, where)
+    for key in raw:
+        if key not in CURATE_SECTIONS:
+            raise unknown_key_error(key, list(CURATE_SECTIONS), where)
+    for key in CURATE_SECTIONS:
+        if key not in raw:
+            raise RecipeError(f"{where}: missing required section '{key}'")
+    return CurateRecipe(
+        model=build_dataclass(ModelArguments, raw["model"], "model", where),
+        data=build_dataclass(DataArguments, raw["data"], "data", where),
+        curate=build_dataclass(CurateConfig, raw["curate"], "curate", where),
+        path=path,
+        raw=raw,
+    )
