@@ -10,7 +10,7 @@ from trl import SFTConfig
 from tokensieve.errors import RecipeError
 from tokensieve.launch.methods import METHODS
 from tokensieve.launch.model import FromScratchArguments
-from tokensieve.launch.recipe import LaunchArguments, load_recipe, parse_overrides, read_yaml
+from tokensieve.launch.recipe import LaunchArguments, load_curate_recipe, load_recipe, parse_overrides, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO_ROOT / "recipes").rglob("*.yaml"))
@@ -183,6 +183,11 @@ def test_registry_has_sft():
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO_ROOT)) for p in SHIPPED])
 def test_shipped_recipe_validates(path):
     text = path.read_text(encoding="utf-8")
+    if "\ncurate:" in text:  # a curation recipe (tokensieve curate)
+        assert text.startswith("#") and "tokensieve curate" in text
+        recipe = load_curate_recipe(path)
+        assert recipe.curate.output
+        return
     assert text.startswith("#") and "tokensieve train" in text  # the command that runs it comes first
     overrides = []
     if not torch.cuda.is_available() and "bf16: true" in text:

@@ -67,7 +67,8 @@ def add_reference_inputs(dataset, tokenizer, prompt_column: str, dataset_name: s
             if not isinstance(prompt, str):
                 index = batch[EXAMPLE_INDEX][i] if EXAMPLE_INDEX in batch else "?"
                 raise DataError(f"{dataset_name} dataset, example {index}: '{prompt_column}' must be a string")
-            prompt_ids = tokenizer(prompt)["input_ids"]
+            # At least one token before the response, so its first token is scored too.
+            prompt_ids = tokenizer(prompt)["input_ids"] or [tokenizer.bos_token_id or tokenizer.eos_token_id]
             response = [t for t, label in zip(row_ids, row_labels) if label != -100]
             ids.append(prompt_ids + response)
             labels.append([-100] * len(prompt_ids) + response)

@@ -1,0 +1,307 @@
+"""Token selection and weighting on noisy-sft: clean-test exact match, and the step-time / memory overhead.
+
+    python benchmarks/token_selection.py quality  [--seeds 0 1 2] [--steps 400] [--base PATH]
+    python benchmarks/token_selection.py overhead [--steps 30]
+
+quality: every method fine-tunes the same base (fully) with the tiny recipes in recipes/tiny/ on the noisy train
+split (30% of answer words replaced by noise words, 30% of responses wrapped in boilerplate) and is scored by
+greedy exact match on the clean test split:
+    sft      plain next-token prediction on every response token        (recipes/tiny/sstoken.yaml, scorer none)
+    random   a random 60% of each response                               (scorer random)
+    rho1     top 60% of each batch by excess loss over a reference       (recipes/tiny/rho1.yaml)
+    prior    weights (1 - p_ref), mean 1 per response                    (recipes/tiny/prior.yaml)
+    sstoken  top 60% of each response by 0.5 * REL + 0.5 * attention     (recipes/tiny/sstoken.yaml)
+The reference of rho1 and prior is the base fine-tuned on a separate clean set (noise 0, no boilerplate).
+Without --base, the base is a from-scratch model (random weights, the recipe's sizes and a tokenizer trained on
+the task); with --base, any saved model (e.g. outputs/base/tiny_recall).
+
+overhead: step time and peak memory of ssToken (history base via disabled LoRA adapters, ema, offline) relative
+to plain SFT with the same LoRA model, measured side by side: each variant runs in its own process, variants
+alternate, twice, and the median step time of the steady-state steps counts.
+
+Both write a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/token_selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "data/tasks/noisy-sft/train.jsonl"
+TEST = REPO / "data/tasks/noisy-sft/test.jsonl"
+METHODS = {
+    "sft": ("recipes/tiny/sstoken.yaml", ["--token_scorer", "none"]),
+    "random": ("recipes/tiny/sstoken.yaml", ["--token_scorer", "random"]),
+    "rho1": ("recipes/tiny/rho1.yaml", ["--reference_model", "{reference}"]),
+    "prior": ("recipes/tiny/prior.yaml", ["--reference_model", "{reference}"]),
+    "sstoken": ("recipes/tiny/sstoken.yaml", []),
+}
+
+
+def environment(args) -> dict:
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def run_recipe(recipe: str, overrides: list[str]):
+    from tokensieve.launch.recipe import load_recipe
+    from tokensieve.launch.run import run_training
+
+    return run_training(load_recipe(REPO / recipe, overrides))
+
+
+def common_overrides(model: str, out: Path, steps: int, seed: int) -> list[str]:
+    return ["--model.from_scratch", "null", "--model.name_or_path", model, "--training.output_dir", str(out),
+            "--max_steps", str(steps), "--seed", str(seed), "--report_to", "none", "--save_strategy", "no",
+            "--resume_from_checkpoint", "false", "--logging_steps", str(max(steps // 8, 1))]
+
+
+def make_base(folder: Path) -> str:
+    """A from-scratch base with the tiny recipes' sizes and a tokenizer trained on the noisy-sft texts."""
+    import torch
+
+    from tokensieve.launch.model import load_model_and_tokenizer
+    from tokensieve.launch.recipe import load_recipe
+    from tokensieve.launch.run import dataset_texts
+    from tokensieve.data.loading import load_splits
+
+    if (folder / "config.json").exists():
+        return str(folder)
+    recipe = load_recipe(REPO / "recipes/tiny/sstoken.yaml")
+    torch.manual_seed(0)
+    model, tokenizer = load_model_and_tokenizer(recipe.model, dataset_texts(load_splits(recipe.data)["train"]))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def exact_match(model_dir: Path, max_examples: int | None) -> float:
+    from tokensieve.launch.evaluate import evaluate_files
+
+    return evaluate_files(str(model_dir), [str(TEST)], max_examples=max_examples)[str(TEST)]["exact_match"]
+
+
+def quality(args) -> None:
+    from tokensieve.data.synthetic import make_task
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.base or make_base(out / "base")
+    clean = out / "clean-data"
+    if not (clean / "train.jsonl").exists():
+        make_task("noisy-sft", clean, n=args.clean_examples, seed=101, noise_fraction=0.0, boilerplate_fraction=0.0)
+    reference = out / "reference"
+    if not (reference / "config.json").exists():  # the base fine-tuned on clean data: Rho-1's and PRIOR's reference
+        run_recipe("recipes/tiny/sstoken.yaml", common_overrides(base, reference, args.reference_steps, 0) + [
+            "--token_scorer", "none", "--data.datasets.0.path", str(clean / "train.jsonl")])
+    results = {"environment": environment(args), "base": base, "reference": str(reference), "steps": args.steps,
+               "seeds": args.seeds, "test_examples": args.test_examples, "runs": {}}
+    results["reference_exact_match"] = exact_match(reference, args.test_examples)
+    for method in args.methods:
+        recipe, extra = METHODS[method]
+        for seed in args.seeds:
+            run_dir = out / "runs" / f"{method}-seed{seed}"
+            start = time.time()
+            run_recipe(recipe, common_overrides(base, run_dir, args.steps, seed)
+                       + [x.format(reference=reference) for x in extra])
+            seconds = time.time() - start
+            score = exact_match(run_dir, args.test_examples)
+            results["runs"].setdefault(method, []).append({"seed": seed, "exact_match": score, "train_seconds": seconds})
+            print(f"[token_selection] {method} seed {seed}: exact match {score:.3f} ({seconds:.0f} s)", flush=True)
+            (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_quality_report(out, results)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_quality_report(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = results["environment"]
+    lines = [
+        "# Token selection on noisy-sft: clean-test exact match", "",
+        f"Command: `{env['command']}`  ",
+        f"Machine: {env['machine']}; torch threads {env['torch_threads']}; versions {env['versions']}  ",
+        f"Base: `{results['base']}`; {results['steps']} steps per run; seeds {results['seeds']}; "
+        f"{results['test_examples'] or 'all'} test examples; reference (clean SFT) exact match "
+        f"{results['reference_exact_match']:.3f}", "",
+        "| method | exact match (mean ± std) | per seed |", "|---|---|---|",
+    ]
+    names, means, stds = [], [], []
+    for method, runs in results["runs"].items():
+        scores = [r["exact_match"] for r in runs]
+        mean, std = mean_std(scores)
+        names.append(method), means.append(mean), stds.append(std)
+        lines.append(f"| {method} | {mean:.3f} ± {std:.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
+    (out / "quality.md").write_text("\n".join(lines) + "\n")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
+    axis.set_ylabel("clean-test exact match")
+    axis.set_title(f"noisy-sft, {results['steps']} steps, {len(results['seeds'])} seeds")
+    figure.tight_layout()
+    figure.savefig(out / "quality.png", dpi=100)
+    print("\n".join(lines))
+
+
+# --- overhead ---------------------------------------------------------------------------------------------------------
+
+OVERHEAD_VARIANTS = {
+    "sft": ["--token_scorer", "none"],
+    "sstoken-base": ["--token_scorer", "sstoken", "--history_model", "base"],
+    "sstoken-ema": ["--token_scorer", "sstoken", "--history_model", "ema"],
+    "sstoken-offline": ["--token_scorer", "sstoken", "--history_model", "offline"],
+}
+
+
+def overhead_worker(args) -> None:
+    """One variant in this process: time the steady-state steps, report peak RSS (JSON on stdout's last line)."""
+    import resource
+
+    from transformers import TrainerCallback
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.start)
+
+    from tokensieve.launch import methods
+
+    build = methods.METHODS["token_loss"].build_trainer
+
+    def build_with_timer(**kwargs):
+        trainer = build(**kwargs)
+        trainer.add_callback(StepTimer())
+        return trainer
+
+    methods.METHODS["token_loss"] = methods.Method(methods.METHODS["token_loss"].config_class, build_with_timer)
+    overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + [
+        "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear",
+        "--data.datasets.0.path", args.data, "--per_device_train_batch_size", "16", "--max_length", "256",
+    ] + OVERHEAD_VARIANTS[args.variant]
+    run_recipe("recipes/tiny/sstoken.yaml", overrides)
+    steady = times[5:]
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": args.variant, "median_step_s": statistics.median(steady), "steps": len(steady),
+                      "peak_rss_mib": peak_mib}))
+
+
+def overhead(args) -> None:
+    import torch
+    from datasets import load_dataset
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.base or make_base(out / "base")
+    # Offline history losses: the base model's own per-token losses, as `tokensieve curate --scorer reference_loss`
+    # writes them, stored under the column name the trainer reads.
+    data = out / "overhead-data.jsonl"
+    if not data.exists():
+        from tokensieve.data.curation import CurateConfig, curate
+        from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
+        from trl.trainer.utils import add_fused_lm_head
+
+        model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=base))
+        add_fused_lm_head(model)
+        rows = load_dataset("json", data_files=str(TRAIN), split="train").select(range(2048))
+        scored = out / "overhead-scored.jsonl"
+        curate(rows, model.eval(), tokenizer, CurateConfig(output=str(scored), scorer="reference_loss", batch_size=64,
+                                                           report_examples=0, max_length=256))
+        rows = load_dataset("json", data_files=str(scored), split="train").rename_column("token_scores", "history_loss")
+        rows.to_json(str(data), lines=True)
+    samples = {name: [] for name in OVERHEAD_VARIANTS}
+    for _ in range(args.repeats):
+        for variant in OVERHEAD_VARIANTS:
+            command = [sys.executable, __file__, "overhead-worker", "--variant", variant, "--base", base,
+                       "--data", str(data), "--steps", str(args.steps), "--out", str(out)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+            result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
+            if result.returncode:
+                raise SystemExit(f"{variant} failed:\n{result.stderr[-3000:]}")
+            samples[variant].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            print(f"[overhead] {samples[variant][-1]}", flush=True)
+    base_time = statistics.median(s["median_step_s"] for s in samples["sft"])
+    base_mem = statistics.median(s["peak_rss_mib"] for s in samples["sft"])
+    rows = []
+    for variant, runs in samples.items():
+        step = statistics.median(s["median_step_s"] for s in runs)
+        mem = statistics.median(s["peak_rss_mib"] for s in runs)
+        rows.append({"variant": variant, "median_step_s": step, "time_ratio": step / base_time,
+                     "peak_rss_mib": mem, "memory_ratio": mem / base_mem})
+    env = environment(args)
+    lines = ["# ssToken overhead vs plain SFT (same LoRA model, same batches)", "",
+             f"Command: `{env['command']}`  ", f"Machine: {env['machine']}; torch threads {env['torch_threads']}; "
+             f"versions {env['versions']}  ",
+             f"Base `{base}` + LoRA r16 on all linear layers; batch 16; {args.steps} steps per run (first 5 dropped); "
+             f"{args.repeats} alternating repeats; peak memory = peak resident set size of the process (CPU).", "",
+             "| variant | median step (s) | step time / SFT | peak RSS (MiB) | memory / SFT |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['median_step_s']:.4f} | {r['time_ratio']:.2f}x | {r['peak_rss_mib']:.0f} "
+                     f"| {r['memory_ratio']:.2f}x |")
+    (out / "overhead.md").write_text("\n".join(lines) + "\n")
+    (out / "overhead.json").write_text(json.dumps({"environment": env, "rows": rows, "samples": samples}, indent=2))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.bar([r["variant"] for r in rows], [r["time_ratio"] for r in rows], color="#dd8452")
+    axis.axhline(1.0, color="black", linewidth=0.8)
+    axis.set_ylabel("step time / plain SFT")
+    figure.tight_layout()
+    figure.savefig(out / "overhead.png", dpi=100)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser("quality", help="clean-test exact match of each method over seeds")
+    q.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--steps", type=int, default=400)
+    q.add_argument("--reference-steps", type=int, default=400)
+    q.add_argument("--clean-examples", type=int, default=2000)
+    q.add_argument("--test-examples", type=int, default=None, help="first N test examples (default: all 500)")
+    o = commands.add_parser("overhead", help="step time and peak memory of ssToken vs SFT")
+    o.add_argument("--steps", type=int, default=30)
+    o.add_argument("--repeats", type=int, default=2)
+    w = commands.add_parser("overhead-worker")
+    w.add_argument("--variant", choices=list(OVERHEAD_VARIANTS), required=True)
+    w.add_argument("--data", required=True)
+    w.add_argument("--steps", type=int, required=True)
+    for sub in (q, o, w):
+        sub.add_argument("--out", default=str(REPO / "outputs/bench/token_selection"))
+        sub.add_argument("--base", default=None, help="a saved base model (default: a from-scratch one)")
+    args = parser.parse_args()
+    {"quality": quality, "overhead": overhead, "overhead-worker": overhead_worker}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
