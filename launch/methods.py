@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 
 from trl import SFTConfig, SFTTrainer
 
+from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
 from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
 
 
@@ -40,7 +41,19 @@ def build_token_loss_trainer(model, args, train_dataset, eval_dataset=None, proc
     )
 
 
+def build_retention_trainer(model, args, train_dataset, eval_dataset=None, processing_class=None) -> RetentionTrainer:
+    """TRIM-KV retention gates: distillation from the gate-free model + capacity loss (trainers/retention.py)."""
+    return RetentionTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+    )
+
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, build_sft_trainer),
     "token_loss": Method(TokenLossConfig, build_token_loss_trainer),
+    "trim_kv": Method(RetentionConfig, build_retention_trainer),
 }

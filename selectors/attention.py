@@ -1,0 +1,187 @@
+"""Retention gates on a loaded decoder, without editing transformers: an attention function registered with
+`AttentionInterface`, and a forward pre-hook on each layer's attention module that runs its gate.
+
+What the attention function does, per call:
+    gates off (or none)                -> the model's original attention, unchanged
+    gates on, no cache (training/eval) -> softmax(q k / sqrt(d) + (t - i) log beta_i), the TRIM-KV training bias
+    a RetentionCache                   -> plain attention over the kept tokens (no bias), log beta stored with K/V
+    another cache (e.g. DynamicCache)  -> the original attention
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from tokensieve.selectors.kv_cache import RetentionCache
+from tokensieve.selectors.retention import RetentionGate, retention_bias
+
+ATTENTION_NAME = "tokensieve_retention"
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order."""
+    return [layer.self_attn for layer in _decoder(model).layers]
+
+
+def _fallback(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    name = getattr(module, "_retention_fallback", "sdpa")
+    if name in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask, **kwargs)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager wants an additive float mask
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout):
+    groups = query.shape[1] // key.shape[1]
+    bias = _repeat_kv(retention_bias(log_beta), groups)  # [B, H, T, T]
+    if attention_mask is not None:
+        bias = bias.masked_fill(~attention_mask.bool(), -math.inf)
+    output = F.scaled_dot_product_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups),
+                                            attn_mask=bias.to(query.dtype), dropout_p=dropout, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _cached_attention(module, layer, query, key, value, attention_mask, scaling):
+    batch, heads, q, _ = query.shape
+    length = key.shape[2]
+    groups = heads // key.shape[1]
+    steps = torch.arange(q, device=query.device)
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        # The mask's diagonal says which new tokens are real (left padding shows up there).
+        layer.valid[:, :, length - q:] = attention_mask[:, 0, steps, length - q + steps][:, None, :]
+    allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
+    allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal among new
+    allowed[:, :, steps, length - q + steps] = True  # a padding query attends to itself (its output is unused)
+    allowed = _repeat_kv(allowed, groups)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+    if layer.needs_attention:
+        scores = torch.einsum("bhqd,bhkd->bhqk", query.float(), key.float()) * scaling
+        probs = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1)
+        layer.observe(probs, groups)
+        output = torch.einsum("bhqk,bhkd->bhqd", probs.to(value.dtype), value)
+    else:
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def retention_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The attention function registered as "tokensieve_retention" (see the module docstring)."""
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = getattr(module, "_retention_cache_layer", None)
+    if layer is not None:
+        return _cached_attention(module, layer, query, key, value, attention_mask, scaling)
+    log_beta = getattr(module, "_retention_log_beta", None)
+    if log_beta is None:
+        return _fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    return _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout)
+
+
+def _gate_hook(module, args, kwargs):
+    """Before each attention call: run the gate on the attention input and tell the cache or the bias about it."""
+    cache = kwargs.get("past_key_values")
+    gate = module.retention_gate if getattr(module, "_retention_enabled", True) else None
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    log_beta = gate(hidden) if gate is not None else None
+    module._retention_cache_layer = None
+    module._retention_log_beta = None
+    if isinstance(cache, RetentionCache):
+        layer = cache.layers[module.layer_idx]
+        layer.pending_log_beta = None if log_beta is None else log_beta.detach()
+        module._retention_cache_layer = layer
+    elif cache is None:
+        module._retention_log_beta = log_beta  # kept with its graph: the trainer's capacity loss reads it
+
+
+AttentionInterface.register(ATTENTION_NAME, retention_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, sdpa_mask)
+
+
+def attach_gates(model: nn.Module, intermediate_size: int = 512, bias_init: float = 18.0,
+                 act: str | None = None) -> list[RetentionGate]:
+    """Give every decoder layer a RetentionGate and switch the model to the retention attention function.
+
+    Works on Llama, Qwen2 and Qwen3 style decoders (and PEFT wrappers of them). Returns the gates, in layer order.
+    The gates are submodules of the attention modules, so they move, save and load with the model.
+    """
+    config = model.config.get_text_config(decoder=True)
+    original = config._attn_implementation or "sdpa"
+    if original == ATTENTION_NAME:
+        raise ValueError("this model already has retention gates attached")
+    parameter = next(model.parameters())
+    gates = []
+    for attention in attention_modules(model):
+        gate = RetentionGate(config.hidden_size, config.num_key_value_heads, intermediate_size, bias_init,
+                             act or config.hidden_act).to(device=parameter.device, dtype=torch.float32)
+        attention.retention_gate = gate
+        attention._retention_fallback = original
+        attention._retention_enabled = True
+        attention._retention_hook = attention.register_forward_pre_hook(_gate_hook, with_kwargs=True)
+        gates.append(gate)
+    model.set_attn_implementation(ATTENTION_NAME)
+    return gates
+
+
+def detach_gates(model: nn.Module) -> None:
+    """Remove the gates and restore the original attention implementation."""
+    original = None
+    for attention in attention_modules(model):
+        if not hasattr(attention, "retention_gate"):
+            continue
+        attention._retention_hook.remove()
+        original = attention._retention_fallback
+        for name in ("retention_gate", "_retention_hook", "_retention_fallback", "_retention_enabled",
+                     "_retention_cache_layer", "_retention_log_beta"):
+            if hasattr(attention, name):
+                delattr(attention, name)
+    if original is not None:
+        model.set_attn_implementation(original)
+
+
+def gates_of(model: nn.Module) -> list[RetentionGate]:
+    gates = [getattr(a, "retention_gate", None) for a in attention_modules(model)]
+    if any(g is None for g in gates):
+        raise ValueError("the model has no retention gates attached (attach_gates or load_gates first)")
+    return gates
+
+
+@contextmanager
+def gates_disabled(model: nn.Module):
+    """Run the model as if it had no gates (the teacher of distillation; no second copy of the weights)."""
+    modules = attention_modules(model)
+    previous = [getattr(m, "_retention_enabled", True) for m in modules]
+    for m in modules:
+        m._retention_enabled = False
+    try:
+        yield model
+    finally:
+        for m, state in zip(modules, previous):
+            m._retention_enabled = state
+
+
+def collected_log_beta(model: nn.Module) -> torch.Tensor:
+    """log beta of the last forward without a cache, all layers stacked: [B, layers * H_kv, T] (with its graph)."""
+    values = [getattr(m, "_retention_log_beta", None) for m in attention_modules(model)]
+    if any(v is None for v in values):
+        raise ValueError("no log beta recorded: run a forward with gates on and without a cache first")
+    return torch.cat(values, dim=1)

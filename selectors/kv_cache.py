@@ -1,0 +1,187 @@
+"""A bounded KV cache for `generate`: each layer keeps at most `memory_size` tokens per kv head (+ a buffer).
+
+One cache class, several eviction scores, so every policy is compared at the same budget by the same code:
+    gates      TRIM-KV: (t + 1 - pos) * log beta, the log of the token's decayed retention (METHODS.md s.4)
+    streaming  StreamingLLM: the first `sink_tokens` tokens, then the most recent
+    h2o        H2O: attention received so far, plus the most recent `recent_size` tokens
+    snapkv     SnapKV: attention from the last `window` queries of the latest prompt chunk (pooled), + that window
+    knorm      the tokens with the smallest key norm
+    random     uniform random scores (seeded)
+Keys are stored after RoPE with their absolute positions, in temporal order; padding is evicted first.
+`get_seq_length` reports the tokens seen, not the physical length, so positions and RoPE stay right.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, DynamicLayer
+
+POLICIES = ("gates", "streaming", "h2o", "snapkv", "knorm", "random")
+NEEDS_ATTENTION = ("h2o", "snapkv")  # policies that read attention probabilities (eager attention)
+
+
+class RetentionLayer(DynamicLayer):
+    """One layer's cache: K, V [B, H, L, d], and per token log beta, position, validity and attention score."""
+
+    is_croppable = False
+
+    def __init__(self, memory_size: int | None, buffer_size: int = 128, policy: str = "gates", sink_tokens: int = 4,
+                 recent_size: int | None = None, window: int = 32, seed: int = 0):
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if memory_size is not None and memory_size < 1:
+            raise ValueError(f"memory_size must be >= 1 (or None for no limit), got {memory_size}")
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
+        self.memory_size, self.buffer_size, self.policy = memory_size, buffer_size, policy
+        self.sink_tokens, self.window = sink_tokens, window
+        self.recent_size = recent_size if recent_size is not None else (memory_size or 0) // 2
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seen = 0
+        self.evictions = 0
+        self.pending_log_beta: torch.Tensor | None = None  # set by the gate hook just before `update`
+
+    @property
+    def needs_attention(self) -> bool:
+        return self.policy in NEEDS_ATTENTION
+
+    def physical_length(self) -> int:
+        return 0 if not self.is_initialized or self.keys.dim() < 4 else self.keys.shape[-2]
+
+    def _will_evict(self) -> bool:
+        return self.memory_size is not None and self.physical_length() >= self.memory_size + self.buffer_size
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            batch, heads = key_states.shape[:2]
+            device = key_states.device
+            self.log_beta = torch.zeros(batch, heads, 0, device=device)
+            self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+            self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+            self.scores_seen = torch.zeros(batch, heads, 0, device=device)
+        if self._will_evict():
+            self.evict(self.memory_size)
+        batch, heads, length = key_states.shape[:3]
+        device = key_states.device
+        log_beta = self.pending_log_beta
+        if log_beta is None:
+            log_beta = torch.zeros(batch, heads, length, device=device)
+        self.pending_log_beta = None
+        positions = (self.seen + torch.arange(length, device=device)).expand(batch, heads, length)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.log_beta = torch.cat([self.log_beta, log_beta.float().to(device)], dim=-1)
+        self.positions = torch.cat([self.positions, positions], dim=-1)
+        self.valid = torch.cat([self.valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], dim=-1)
+        self.scores_seen = torch.cat([self.scores_seen, torch.zeros(batch, heads, length, device=device)], dim=-1)
+        self.seen += length
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The mask is built before `update` runs: announce the length after a pending eviction. The offset maps the
+        # new tokens' columns onto their indices in the 2D attention mask (the cached columns are masked by `valid`).
+        physical = self.memory_size if self._will_evict() else self.physical_length()
+        return physical + query_length, self.seen - physical
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def scores(self) -> torch.Tensor:
+        """The eviction score of every cached token [B, H, L]: the highest `memory_size` stay."""
+        age = (self.seen - self.positions).float()  # t + 1 - pos, t = seen - 1
+        recent = self.positions >= self.seen - max(self.recent_size, 1)
+        if self.policy == "gates":
+            score = age * self.log_beta
+        elif self.policy == "streaming":
+            rank = self.valid.long().cumsum(dim=-1)  # 1-based rank among real tokens, in temporal order
+            score = self.positions.float().masked_fill(self.valid & (rank <= self.sink_tokens), math.inf)
+        elif self.policy == "h2o":
+            score = self.scores_seen.masked_fill(recent, math.inf)
+        elif self.policy == "snapkv":
+            score = self.scores_seen.masked_fill(self.positions >= self.seen - self.window, math.inf)
+        elif self.policy == "knorm":
+            score = -self.keys.float().norm(dim=-1)
+        else:
+            score = torch.rand(self.valid.shape, generator=self.generator).to(self.valid.device)
+        return score.masked_fill(~self.valid, -math.inf)
+
+    def evict(self, keep: int) -> None:
+        """Keep the `keep` highest-scoring tokens per (batch, kv head), in temporal order."""
+        if self.physical_length() <= keep:
+            return
+        index = self.scores().topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, H, keep]
+        expanded = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys = self.keys.gather(2, expanded)
+        self.values = self.values.gather(2, expanded)
+        for name in ("log_beta", "positions", "valid", "scores_seen"):
+            setattr(self, name, getattr(self, name).gather(2, index))
+        self.evictions += 1
+
+    def observe(self, probs: torch.Tensor, groups: int) -> None:
+        """Attention probabilities of this step [B, H_q, q, L] feed the H2O and SnapKV scores."""
+        batch, heads, q, length = probs.shape
+        per_kv = probs.float().view(batch, heads // groups, groups, q, length).sum(dim=2)  # [B, H_kv, q, L]
+        if self.policy == "h2o":
+            self.scores_seen = self.scores_seen + per_kv.sum(dim=2)
+        elif self.policy == "snapkv" and q > 1:
+            window = per_kv[:, :, -min(self.window, q):].sum(dim=2)
+            self.scores_seen = F.avg_pool1d(window, kernel_size=7, stride=1, padding=3, count_include_pad=False)
+
+    def _select_batch(self, index) -> None:
+        for name in ("keys", "values", "log_beta", "positions", "valid", "scores_seen"):
+            setattr(self, name, getattr(self, name)[index])
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._select_batch(indices)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._select_batch(beam_idx.to(self.keys.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values", "log_beta", "positions", "valid", "scores_seen"):
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.seen = 0
+        self.evictions = 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the cached keys and values."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+
+class RetentionCache(Cache):
+    """A transformers Cache of RetentionLayers, for `model.generate(..., past_key_values=cache)`.
+
+    memory_size: tokens kept per (layer, kv head) after an eviction (None: never evict, a full cache);
+    buffer_size: tokens added before the next eviction, so the physical length stays <= memory_size + buffer_size.
+    """
+
+    def __init__(self, num_layers: int, memory_size: int | None = 512, buffer_size: int = 128, policy: str = "gates",
+                 **policy_options):
+        super().__init__(layers=[RetentionLayer(memory_size, buffer_size, policy, seed=i, **policy_options)
+                                 for i in range(num_layers)])
+        self.memory_size, self.buffer_size, self.policy = memory_size, buffer_size, policy
+
+    @classmethod
+    def for_model(cls, model, memory_size: int | None = 512, buffer_size: int = 128, policy: str = "gates",
+                  **policy_options) -> "RetentionCache":
+        config = model.config.get_text_config(decoder=True)
+        return cls(config.num_hidden_layers, memory_size, buffer_size, policy, **policy_options)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

@@ -1,0 +1,97 @@
+"""TRIM-KV retention gates, their training-time attention bias and the capacity loss (METHODS.md section 4)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.activations import ACT2FN
+
+
+class RetentionGate(nn.Module):
+    """log beta = logsigmoid(W2 act(W1 x + b1) + b) per kv head, from a layer's attention input x [B, T, D].
+
+    The separate bias b starts large (`bias_init`), so beta ~ 1 (keep everything) before training; W1, W2 ~ N(0, 0.02).
+    Returns log beta as [B, H_kv, T].
+    """
+
+    def __init__(self, hidden_size: int, num_kv_heads: int, intermediate_size: int = 512, bias_init: float = 18.0,
+                 act: str = "silu"):
+        super().__init__()
+        if act not in ACT2FN:
+            raise ValueError(f"act must be an activation transformers knows (e.g. silu, gelu), got {act!r}")
+        self.config = {"hidden_size": hidden_size, "num_kv_heads": num_kv_heads,
+                       "intermediate_size": intermediate_size, "bias_init": bias_init, "act": act}
+        self.up = nn.Linear(hidden_size, intermediate_size, bias=True)
+        self.act = ACT2FN[act]
+        self.down = nn.Linear(intermediate_size, num_kv_heads, bias=False)
+        self.bias = nn.Parameter(torch.full((num_kv_heads,), float(bias_init)))
+        nn.init.normal_(self.up.weight, std=0.02)
+        nn.init.zeros_(self.up.bias)
+        nn.init.normal_(self.down.weight, std=0.02)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        x = hidden_states.to(self.up.weight.dtype)
+        logits = self.down(self.act(self.up(x))) + self.bias
+        return F.logsigmoid(logits.float()).transpose(1, 2)  # [B, H_kv, T]
+
+
+def retention_bias(log_beta: torch.Tensor) -> torch.Tensor:
+    """The additive attention bias of training: entry [t, i] = (t - i) * log beta_i for i <= t, -inf for i > t.
+
+    softmax(q k / sqrt(d) + bias) is then proportional to beta_i^(t-i) exp(q_t k_i / sqrt(d)). [B, H, T] -> [B, H, T, T].
+    """
+    length = log_beta.shape[-1]
+    positions = torch.arange(length, device=log_beta.device)
+    age = (positions[:, None] - positions[None, :]).to(log_beta.dtype)  # [T, T], t - i
+    bias = age * log_beta[..., None, :]
+    return bias.masked_fill(age < 0, -math.inf)
+
+
+def _retained_sum(log_beta: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """S_t = sum_{i <= t, i real} beta_i^(t - i) for the query positions `rows`: [B, H, T] -> [B, H, len(rows)]."""
+    positions = torch.arange(log_beta.shape[-1], device=log_beta.device)
+    age = (rows[:, None] - positions[None, :]).to(log_beta.dtype)  # [R, T]
+    terms = torch.exp(age.clamp(min=0) * log_beta[..., None, :])
+    return (terms * ((age >= 0) & keys[:, None, None, :])).sum(dim=-1)
+
+
+def capacity_loss(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,
+                  chunk_size: int = 256, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """TRIM-KV's capacity loss: sum_t max(0, (S_t - M) / max(t - M, 1)) over the positive terms' count (0 if none).
+
+    log_beta: [B, H, T] (fold a layer axis into H). S_t = sum_{i <= t} beta_i^(t-i) per (batch, head), t 0-indexed.
+    global_budget: compare the sum of S_t over all heads with M * H instead, divided by H (one budget of M * H
+    slots that heads may trade between them).
+    valid: optional [B, T] bool, the real tokens (padding neither counts as retained nor adds terms).
+    Query rows are processed in chunks of `chunk_size` and recomputed in the backward pass, so memory stays at
+    [B, H, chunk, T] (never [T, T] per head at once, never float64).
+    """
+    if memory_size < 1:
+        raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+    if log_beta.dim() != 3:
+        raise ValueError(f"log_beta must be [B, H, T], got shape {tuple(log_beta.shape)}")
+    log_beta = log_beta.float()
+    heads, length = log_beta.shape[1], log_beta.shape[2]
+    if valid is None:
+        valid = torch.ones(log_beta.shape[0], length, dtype=torch.bool, device=log_beta.device)
+    valid = valid.bool()
+    shared = heads if global_budget else 1  # heads that share one budget of M * shared slots
+    total = log_beta.new_zeros(())
+    count = log_beta.new_zeros(())
+    for start in range(0, length, chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, length), device=log_beta.device)
+        if log_beta.requires_grad:
+            retained = checkpoint(_retained_sum, log_beta, rows, valid, use_reentrant=False)
+        else:
+            retained = _retained_sum(log_beta, rows, valid)  # [B, H, R]
+        if global_budget:
+            retained = retained.sum(dim=1, keepdim=True)
+        excess = (retained - memory_size * shared) / (shared * (rows.to(retained.dtype) - memory_size).clamp(min=1.0))
+        positive = (excess > 0) & valid[:, None, rows]
+        total = total + (excess * positive).sum()
+        count = count + positive.sum()
+    return total / count.clamp(min=1)

@@ -1,0 +1,205 @@
+"""TRIM-KV: bias and capacity loss by hand, gates on real architectures, the bounded cache, the trainer, export."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from tokensieve.errors import ModelError
+from tokensieve.launch.export import GATES_FILE, load_gates, load_retention_model, save_gates
+from tokensieve.launch.model import FromScratchArguments, build_config
+from tokensieve.selectors.attention import attach_gates, collected_log_beta, detach_gates, gates_disabled, gates_of
+from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
+from tokensieve.selectors.retention import RetentionGate, capacity_loss, retention_bias
+from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
+
+
+def fresh_model(tokenizer, architecture="qwen3", seed=0, **sizes):
+    torch.manual_seed(seed)
+    spec = FromScratchArguments(architecture=architecture, max_position_embeddings=256, **sizes)
+    return AutoModelForCausalLM.from_config(build_config(spec, tokenizer)).eval()
+
+
+def test_retention_bias_hand_computed():
+    log_beta = torch.log(torch.tensor([[[0.5, 0.25, 1.0]]]))
+    bias = retention_bias(log_beta)[0, 0]
+    l5, l25 = math.log(0.5), math.log(0.25)
+    expected = torch.tensor([[0.0, -math.inf, -math.inf], [l5, 0.0, -math.inf], [2 * l5, l25, 0.0]])
+    assert torch.allclose(bias, expected)
+
+
+def test_capacity_loss_hand_computed():
+    log_beta = torch.full((1, 1, 4), math.log(0.5))
+    # S = [1, 1.5, 1.75, 1.875]; M = 1: terms 0.5/1, 0.75/1, 0.875/2 over 3 positive terms.
+    assert capacity_loss(log_beta, 1).item() == pytest.approx((0.5 + 0.75 + 0.4375) / 3)
+    assert capacity_loss(log_beta, 4).item() == 0.0  # nothing above the budget
+    # Two heads, one keeps everything (S_t = t + 1), one forgets at once (S_t = 1); M = 2.
+    heads = torch.stack([torch.zeros(4), torch.full((4,), -30.0)])[None]
+    per_head = capacity_loss(heads, 2)  # head 0: t=2: 1/1, t=3: 2/1 -> mean 1.5
+    assert per_head.item() == pytest.approx(1.5)
+    shared = capacity_loss(heads, 2, global_budget=True)  # sum S = [2, 3, 4, 5] vs 4: t=3: (5-4)/(2*1)
+    assert shared.item() == pytest.approx(0.5)
+    # Padding: the last two tokens of row 0 are padding; row 0 then has S = [1, 2] <= M = 2.
+    valid = torch.tensor([[True, True, False, False]])
+    assert capacity_loss(torch.zeros(1, 1, 4), 2, valid=valid).item() == 0.0
+
+
+def test_capacity_loss_chunks_agree_and_have_gradients():
+    torch.manual_seed(0)
+    log_beta = (-torch.rand(2, 3, 50) * 0.3).requires_grad_()
+    whole = capacity_loss(log_beta, 8, chunk_size=1000)
+    chunked = capacity_loss(log_beta, 8, chunk_size=7)
+    assert torch.allclose(whole, chunked, atol=1e-6)
+    chunked.backward()
+    assert torch.isfinite(log_beta.grad).all() and log_beta.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="memory_size"):
+        capacity_loss(log_beta, 0)
+
+
+def test_gate_starts_near_one():
+    gate = RetentionGate(hidden_size=16, num_kv_heads=2, intermediate_size=8)
+    log_beta = gate(torch.randn(3, 5, 16))
+    assert log_beta.shape == (3, 2, 5)
+    assert (log_beta.exp() > 0.9999).all()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+def test_gate_off_forward_equals_the_base_model(tiny_tokenizer, architecture):
+    model = fresh_model(tiny_tokenizer, architecture)
+    ids = torch.randint(3, 250, (2, 17))
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = 0
+    reference = model(input_ids=ids, attention_mask=mask).logits
+    attach_gates(model, intermediate_size=16)
+    with gates_disabled(model):
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, reference)
+    on = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(on, reference, atol=1e-4)  # beta ~ 1 at init: almost no decay
+    assert collected_log_beta(model).shape == (2, model.config.num_hidden_layers * model.config.num_key_value_heads, 17)
+    for gate in gates_of(model):  # a strong decay changes the output
+        torch.nn.init.constant_(gate.bias, -2.0)
+    assert not torch.allclose(model(input_ids=ids, use_cache=False).logits, reference[:, :], atol=1e-3)
+    detach_gates(model)
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference)
+
+
+def test_eviction_keeps_the_top_scores_per_head_in_order():
+    torch.manual_seed(0)
+    layer = RetentionLayer(memory_size=5, buffer_size=3, policy="gates")
+    keys = torch.randn(2, 3, 8, 4)
+    log_beta = -torch.rand(2, 3, 8)
+    layer.pending_log_beta = log_beta
+    layer.update(keys, keys + 1)
+    scores = layer.scores()
+    age = (8 - torch.arange(8)).float()
+    assert torch.allclose(scores, age * log_beta)
+    expected = scores.topk(5, dim=-1).indices.sort(dim=-1).values
+    layer.update(torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4))  # 8 >= 5 + 3: evicts to 5, then appends
+    assert layer.physical_length() == 6 and layer.get_seq_length() == 9
+    assert torch.equal(layer.positions[..., :5], expected)
+    assert torch.equal(layer.keys[:, :, :5], keys.gather(2, expected[..., None].expand(-1, -1, -1, 4)))
+    assert (layer.positions.diff(dim=-1) > 0).all()  # temporal order
+
+
+@pytest.mark.parametrize("policy", ["gates", "streaming", "h2o", "snapkv", "knorm", "random"])
+def test_every_policy_generates_within_budget(tiny_tokenizer, policy):
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16)
+    prompt = torch.randint(3, 250, (2, 40))
+    cache = RetentionCache.for_model(model, memory_size=8, buffer_size=4, policy=policy)
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
+                         past_key_values=cache)
+    assert out.shape == (2, 52)
+    assert cache.get_seq_length() == 51
+    assert all(layer.physical_length() <= 8 + 4 for layer in cache.layers)
+
+
+def test_generate_with_the_cache_equals_full_cache_below_the_budget(tiny_tokenizer):
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16)
+    prompt = torch.randint(3, 250, (2, 20))
+    mask = torch.ones_like(prompt)
+    prompt[1, :6], mask[1, :6] = tiny_tokenizer.pad_token_id, 0  # left padding
+    full = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    cache = RetentionCache.for_model(model, memory_size=64)
+    bounded = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert torch.equal(full, bounded)
+
+
+def tiny_rows(n=24):
+    return [{"prompt": f"record {i} : key k{i % 5} maps to v{(i * 3) % 7} ; copy", "completion": f" v{(i * 3) % 7}"}
+            for i in range(n)]
+
+
+def train_gates(tokenizer, tmp_path, steps=3, **kwargs):
+    model = fresh_model(tokenizer)
+    args = RetentionConfig(output_dir=str(tmp_path / "gates"), max_steps=steps, per_device_train_batch_size=8,
+                           learning_rate=1e-2, memory_size=4, gate_intermediate_size=16, gate_bias_init=2.0,
+                           report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                           save_strategy="no", logging_steps=1, **kwargs)
+    trainer = RetentionTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_rows()),
+                               processing_class=tokenizer)
+    trainer.gates_at_start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    return trainer
+
+
+def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
+    start = fresh_model(tiny_tokenizer).state_dict()
+    trainer = train_gates(tiny_tokenizer, tmp_path)
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[n], start[n]) for n in start)  # the base is frozen
+    assert trainer.gates_at_start and all("retention_gate" in n for n in trainer.gates_at_start)
+    assert all(not torch.equal(after[n], p) for n, p in trainer.gates_at_start.items() if n.endswith("bias"))
+    logs = [e for e in trainer.state.log_history if "capacity_loss" in e]
+    for key in ("ce", "kl", "retained_over_memory", "beta_mean", "forgotten_fraction", "beta_mean_layer0"):
+        assert key in logs[0], key
+    assert logs[0]["capacity_loss"] > 0  # bias 2 -> beta 0.88 keeps ~8 tokens > M = 4
+
+
+def test_export_loads_in_a_fresh_process(tiny_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    fresh_model(tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    attach_gates(model, intermediate_size=16, bias_init=3.0)
+    for gate in gates_of(model):
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    save_gates(model, tmp_path / "export", memory_size=8, buffer_size=4)
+    ids = torch.randint(3, 250, (1, 30))
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False,
+                              past_key_values=RetentionCache.for_model(model, memory_size=8, buffer_size=4))
+    script = (
+        "import sys, torch; from tokensieve.launch.export import load_retention_model;"
+        "from tokensieve.selectors.kv_cache import RetentionCache;"
+        f"m, t = load_retention_model({str(tmp_path / 'export')!r});"
+        f"ids = torch.tensor({ids.tolist()});"
+        "out = m.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=RetentionCache.for_model(m, 8, 4));"
+        "print(out.tolist())"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected.tolist()
+
+
+def test_bad_gate_exports_are_clear_errors(tiny_tokenizer, tmp_path):
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16)
+    save_gates(model, tmp_path / "ok")
+    with pytest.raises(ModelError, match="architecture"):
+        load_gates(fresh_model(tiny_tokenizer, "llama"), tmp_path / "ok")
+    with pytest.raises(ModelError, match="hidden_size"):
+        load_gates(fresh_model(tiny_tokenizer, hidden_size=32, intermediate_size=64), tmp_path / "ok")
+    with pytest.raises(ModelError, match="no gates.json"):
+        load_gates(fresh_model(tiny_tokenizer), tmp_path / "missing")
+    data = (tmp_path / "ok" / GATES_FILE).read_bytes()
+    (tmp_path / "ok" / GATES_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        load_gates(fresh_model(tiny_tokenizer), tmp_path / "ok")
+    with pytest.raises(ModelError, match="no gates.json"):
+        load_retention_model(tmp_path / "nothing-here")

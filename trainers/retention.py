@@ -1,0 +1,151 @@
+"""TRIM-KV gate training: distillation from the same model with gates off, plus the capacity loss (METHODS.md s.4).
+
+    loss = 1/2 (CE + KL(p_teacher || q_student)) over response tokens  +  lambda * capacity_loss(log beta, M)
+
+The teacher is the model itself under `gates_disabled` and no_grad, so no second copy of the weights exists.
+Only the gates train (LoRA adapters too with `train_lora`). The CE + KL part is summed over tokens and divided by
+the response-token count of the whole accumulated global batch; the capacity loss is a per-micro-batch mean,
+divided by the accumulation steps.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from trl import SFTConfig, SFTTrainer
+
+from tokensieve.selectors.attention import attach_gates, attention_modules, collected_log_beta, gates_disabled
+from tokensieve.selectors.retention import capacity_loss
+
+
+@dataclass
+class RetentionConfig(SFTConfig):
+    """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (METHODS.md)."""
+
+    memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
+    buffer_size: int = field(default=128, metadata={"help": "Inference: tokens added between evictions (saved in the export)."})
+    capacity_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the capacity loss."})
+    global_budget: bool = field(
+        default=False, metadata={"help": "One budget of M * layers * heads shared by all heads instead of M per head."}
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of the KL(teacher || student) term."})
+    gate_intermediate_size: int = field(default=512, metadata={"help": "Hidden width of each gate's MLP."})
+    gate_bias_init: float = field(default=18.0, metadata={"help": "Initial gate bias: beta ~ sigmoid(18) ~ 1."})
+    train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
+    capacity_chunk_size: int = field(default=256, metadata={"help": "Query rows per chunk of the capacity loss."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.memory_size >= 1, "memory_size", ">= 1", self.memory_size),
+            (self.buffer_size >= 1, "buffer_size", ">= 1", self.buffer_size),
+            (self.capacity_weight >= 0, "capacity_weight", ">= 0", self.capacity_weight),
+            (self.distill_temperature > 0, "distill_temperature", "> 0", self.distill_temperature),
+            (self.gate_intermediate_size >= 1, "gate_intermediate_size", ">= 1", self.gate_intermediate_size),
+            (not self.packing, "packing", "false (the capacity loss needs one sequence per row)", self.packing),
+        ]
+        for ok, name, expected, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+class RetentionTrainer(SFTTrainer):
+    """Trains TRIM-KV retention gates on a frozen model (see the module docstring)."""
+
+    _tag_names = ["trl", "sft", "tokensieve", "trim-kv"]
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args: RetentionConfig, *rest, **kwargs):
+        if not hasattr(attention_modules(model)[0], "retention_gate"):
+            attach_gates(model, args.gate_intermediate_size, args.gate_bias_init)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("retention_gate" in name or (args.train_lora and "lora_" in name))
+        super().__init__(model, args, *rest, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        labels = inputs["labels"]
+        model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
+                        "use_cache": False}
+        unwrapped = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), gates_disabled(unwrapped):
+            teacher = model(**model_inputs).logits[:, :-1].float()
+        student = model(**model_inputs).logits[:, :-1].float()
+        log_beta = collected_log_beta(unwrapped)  # [B, layers * H_kv, T]
+
+        mask = labels[:, 1:] != -100
+        targets = labels[:, 1:].clamp(min=0)
+        student_logp = student.log_softmax(-1)
+        ce = -student_logp.gather(-1, targets[..., None]).squeeze(-1)
+        tau = args.distill_temperature
+        kl = F.kl_div((student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1), log_target=True,
+                      reduction="none").sum(-1) * tau**2
+        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+        quality = (0.5 * (ce + kl) * mask).sum() / torch.as_tensor(count).clamp(min=1)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            quality = quality * self.accelerator.num_processes  # DDP averages gradients; the count spans ranks
+
+        real = inputs.get("attention_mask")  # padding neither counts as retained nor adds capacity terms
+        capacity = capacity_loss(log_beta, args.memory_size, args.global_budget, args.capacity_chunk_size, real)
+        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        loss = quality + args.capacity_weight * capacity / steps
+        self._record(mode, ce, kl, mask, capacity, log_beta.detach(), real)
+        return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, mode, ce, kl, mask, capacity, log_beta, real) -> None:
+        args = self.args
+        tokens = mask.sum().clamp(min=1)
+        beta = log_beta.exp()
+        layers = len(attention_modules(self.accelerator.unwrap_model(self.model)))
+        valid = torch.ones_like(beta, dtype=torch.bool) if real is None else real.bool()[:, None, :].expand_as(beta)
+        # Retention of every token at the end of its sequence: beta_i^(T_real - 1 - i).
+        length = valid.sum(-1, keepdim=True)
+        age = (length - 1 - torch.arange(beta.shape[-1], device=beta.device)).clamp(min=0)
+        final = torch.exp(age * log_beta)
+        expected = (final * valid).sum(-1)  # S at the last real token, per (batch, layer-head)
+        stats = {
+            "ce": (ce * mask).sum() / tokens, "kl": (kl * mask).sum() / tokens, "capacity_loss": capacity,
+            "retained_over_memory": (expected / args.memory_size).mean(),
+            "beta_mean": beta[valid].mean(),
+            "forgotten_fraction": ((final < 0.01) & valid).sum() / valid.sum().clamp(min=1),
+        }
+        per_layer = beta.masked_fill(~valid, 0).view(beta.shape[0], layers, -1, beta.shape[-1])
+        per_layer = per_layer.sum(dim=(0, 2, 3)) / valid.view_as(per_layer).sum(dim=(0, 2, 3)).clamp(min=1)
+        for index, value in enumerate(per_layer):
+            stats[f"beta_mean_layer{index}"] = value
+        for name, value in stats.items():
+            gathered = self.accelerator.gather_for_metrics(torch.as_tensor(value, device=self.args.device).float()[None])
+            self._metrics[mode][name].append(gathered.mean().item())
+
+    # --- export ----------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Write gates.safetensors + gates.json (and the LoRA adapter, if any, and the tokenizer) to `output_dir`.
+
+        The frozen base weights are not copied: gates.json names the base model they belong to.
+        """
+        from tokensieve.launch.export import save_gates
+
+        output_dir = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:
+            save_gates(unwrapped, output_dir, memory_size=self.args.memory_size, buffer_size=self.args.buffer_size)
+        if hasattr(unwrapped, "peft_config"):
+            super().save_model(output_dir, _internal_call)  # the adapter (and tokenizer)
+        elif self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        gates = os.path.join(resume_from_checkpoint, "gates.safetensors")
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if hasattr(unwrapped, "peft_config") or not os.path.exists(gates):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if os.path.exists(gates):
+            from tokensieve.launch.export import load_gate_weights
+
+            load_gate_weights(unwrapped, resume_from_checkpoint)
