@@ -1,4 +1,4 @@
-"""The `tokensieve` command line: train, curate, eval, data make, data check.
+"""The `tokensieve` command line: train, curate, generate, eval, data make, data check.
 
 User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
 traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
@@ -41,6 +41,25 @@ def _cmd_curate(args) -> int:
           f"({summary['scorer']}); kept {summary['kept_tokens']} in token_mask")
     print(f"dataset: {summary['output']} ({summary['examples_written']} examples)")
     print(f"report: {summary['report']['report.html']}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from tokensieve.launch.generate import generate_text
+
+    prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            prompts.append(open(path, encoding="utf-8").read())
+        except OSError as error:
+            raise TokensieveError(f"--prompt-file {path}: {error.strerror}") from None
+    if not prompts:
+        raise TokensieveError("generate: give --prompt TEXT or --prompt-file FILE")
+    for result in generate_text(args.model, prompts, args.memory_size, args.buffer_size, args.policy,
+                                args.max_new_tokens):
+        print(result["completion"])
+        print(f"[{result['tokens_seen']} tokens seen, {result['kv_tokens_kept']} kept per layer and kv head, "
+              f"{result['kv_bytes']} KV bytes]", file=sys.stderr)
     return 0
 
 
@@ -103,6 +122,21 @@ def build_parser() -> argparse.ArgumentParser:
     curate.add_argument("recipe", help="curation recipe YAML, e.g. recipes/curate.yaml")
     curate.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key value ...")
     curate.set_defaults(handler=_cmd_curate)
+
+    generate = commands.add_parser(
+        "generate", parents=[debug], help="generate with a bounded KV cache (retention gates or a baseline policy)",
+        description="Greedy generation with a RetentionCache: the prompt is prefilled in chunks and the cache keeps "
+        "at most memory-size + buffer-size tokens per layer and kv head.",
+    )
+    generate.add_argument("model", help="a retention-gate export (gates.json) or any model folder / hub name")
+    generate.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    generate.add_argument("--prompt-file", action="append", help="file whose text is one prompt (repeatable)")
+    generate.add_argument("--memory-size", type=int, default=None, help="tokens kept per layer and kv head "
+                          "(default: the export's; none = full cache)")
+    generate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
+    generate.add_argument("--policy", default="gates", help="gates, streaming, h2o, snapkv, knorm or random")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.set_defaults(handler=_cmd_generate)
 
     evaluate = commands.add_parser(
         "eval", parents=[debug], help="exact match of greedy generation on prompt/completion files",

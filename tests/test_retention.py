@@ -203,3 +203,30 @@ def test_bad_gate_exports_are_clear_errors(tiny_tokenizer, tmp_path):
         load_gates(fresh_model(tiny_tokenizer), tmp_path / "ok")
     with pytest.raises(ModelError, match="no gates.json"):
         load_retention_model(tmp_path / "nothing-here")
+
+
+def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, repo_root, capsys):
+    from tokensieve.launch.cli import main
+    from tokensieve.launch.recipe import load_recipe
+    from tokensieve.launch.run import run_training
+
+    base = tmp_path / "base"
+    fresh_model(tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in tiny_rows()))
+    out = tmp_path / "gates"
+    recipe = load_recipe(repo_root / "recipes/tiny/trim_kv.yaml", [
+        "--model.name_or_path", str(base), "--data.datasets", json.dumps([{"path": str(data)}]),
+        "--training.output_dir", str(out), "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
+        "--per_device_train_batch_size", "4", "--gate_intermediate_size", "8"])
+    run_training(recipe)
+    config = json.loads((out / "gates.json").read_text())
+    assert config["memory_size"] == 32 and config["base_model_name_or_path"] == str(base)
+    assert not (out / "model.safetensors").exists()  # the frozen base is not copied
+    assert main(["generate", str(out), "--prompt", "record 3 : key k3 maps to", "--memory-size", "4",
+                 "--buffer-size", "2", "--max-new-tokens", "5"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens seen" in captured.err and "kept per layer" in captured.err
+    assert main(["generate", str(base), "--prompt", "x", "--policy", "gates"]) == 2
+    assert "needs a retention-gate export" in capsys.readouterr().err
