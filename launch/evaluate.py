@@ -22,10 +22,12 @@ from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
 
 @torch.no_grad()
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
-                max_new_tokens: int | None = None, desc: str = "generate") -> tuple[float, list[str]]:
+                max_new_tokens: int | None = None, desc: str = "generate", make_cache=None) -> tuple[float, list[str]]:
     """Share of prompts whose greedy continuation starts with the answer's tokens; also the predictions.
 
     Each prediction is the generated text cut at the answer's token count (or at `max_new_tokens`).
+    `make_cache`: a function returning a fresh RetentionCache per batch for bounded-memory generation (the prompt
+    is then prefilled in chunks, see `tokensieve.launch.generate.bounded_generate`).
     """
     tokenizer.padding_side = "left"
     predictions, correct = [], 0
@@ -34,10 +36,14 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
         answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
         budget = max_new_tokens or max(len(ids) for ids in answer_ids)
         inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
-        output = model.generate(
-            **inputs, max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        options = dict(max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+        if make_cache is None:
+            output = model.generate(**inputs, **options)
+        else:
+            from tokensieve.launch.generate import bounded_generate
+
+            output = bounded_generate(model, inputs["input_ids"], inputs["attention_mask"], make_cache(), **options)
         for generated, ids in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids):
             correct += generated[: len(ids)] == ids
             shown = generated if max_new_tokens else generated[: len(ids)]

@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmark scripts: the run record, recipes run in-process, step timing, plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def environment() -> dict:
+    """What a reader needs to trust a number: the command, the machine, thread count, versions, the date."""
+    import torch
+    import transformers
+    import trl
+
+    return {
+        "command": " ".join(["python", os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def environment_lines(env: dict) -> list[str]:
+    return [f"Command: `{env['command']}`  ",
+            f"Machine: {env['machine']}; device {env['device']}; torch threads {env['torch_threads']}; "
+            f"versions {env['versions']}; {env['date']}  "]
+
+
+def run_recipe(recipe: str, overrides: list[str], callbacks=()):
+    """Train as `recipe` (relative to the repository) says, with overrides, in this process; extra callbacks."""
+    from tokensieve.launch import methods
+    from tokensieve.launch.recipe import load_recipe
+    from tokensieve.launch.run import run_training
+
+    parsed = load_recipe(REPO / recipe, overrides)
+    if callbacks:
+        original = methods.METHODS[parsed.method]
+
+        def build(**kwargs):
+            trainer = original.build_trainer(**kwargs)
+            for callback in callbacks:
+                trainer.add_callback(callback)
+            return trainer
+
+        methods.METHODS[parsed.method] = methods.Method(original.config_class, build)
+        try:
+            return run_training(parsed)
+        finally:
+            methods.METHODS[parsed.method] = original
+    return run_training(parsed)
+
+
+def step_timer():
+    """A TrainerCallback that records the wall time of every optimizer step in `.times`."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+        def median(self, skip: int = 3) -> float:
+            return statistics.median(self.times[skip:] or self.times)
+
+    return StepTimer()
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

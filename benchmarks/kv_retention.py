@@ -1,0 +1,239 @@
+"""Learned KV retention (TRIM-KV) against heuristic eviction at the same budget, plus inference and training cost.
+
+    python benchmarks/kv_retention.py accuracy  [--base outputs/base/tiny_recall] [--budgets 0.1 0.25 0.5]
+    python benchmarks/kv_retention.py inference [--memory-size 32]
+    python benchmarks/kv_retention.py training  [--steps 20]
+
+accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml (unless --gates names an export), then
+every policy answers the mqar and needle-qa test splits with greedy decoding from a RetentionCache: the prompt is
+prefilled in chunks of `buffer` tokens and after each chunk the cache is cut back to M = budget x mean prompt
+length tokens per (layer, kv head) (buffer = max(1, M // 4)). Policies: gates (TRIM-KV), streaming (StreamingLLM,
+4 sinks), h2o, snapkv, knorm, random; "full" is the uncompressed cache.
+inference: KV-cache bytes after generating past M (RetentionCache vs the full DynamicCache) and decode tokens/s
+at a context of 8 x M, side by side in one process.
+training: gate-training step time / LoRA SFT step time on the same data and batch size.
+Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
+
+TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
+MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
+POLICIES = ["gates", "streaming", "h2o", "snapkv", "knorm", "random"]
+
+
+def train_gates(base: str, out: Path, steps: int | None) -> Path:
+    folder = out / "gates"
+    if not (folder / "gates.json").exists():
+        overrides = ["--model.name_or_path", base, "--training.output_dir", str(folder), "--report_to", "none",
+                     "--save_strategy", "no", "--resume_from_checkpoint", "false"]
+        if steps:
+            overrides += ["--max_steps", str(steps)]
+        run_recipe("recipes/tiny/trim_kv.yaml", overrides)
+    return folder
+
+
+def read_rows(path: Path, n: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in path.open()]
+    return rows[:n] if n else rows
+
+
+def accuracy(args) -> None:
+    from tokensieve.launch.evaluate import exact_match
+    from tokensieve.launch.export import load_retention_model
+    from tokensieve.selectors.kv_cache import RetentionCache
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)
+    model, tokenizer = load_retention_model(gates)
+    results = {"environment": environment(), "gates": str(gates), "base": args.base, "budgets": args.budgets,
+               "tasks": {}}
+    for task, path in TASKS.items():
+        rows = read_rows(path, args.test_examples)
+        prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        context = sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts)
+        full, _ = exact_match(model, tokenizer, prompts, answers, desc=f"{task} full")
+        entry = {"mean_prompt_tokens": context, "full": full, "budgets": {}}
+        print(f"[kv_retention] {task}: full cache {full:.3f} (mean prompt {context:.0f} tokens)", flush=True)
+        for fraction in args.budgets:
+            memory = max(1, round(fraction * context))
+            buffer = max(1, memory // 4)
+            scores = {}
+            for policy in POLICIES:
+                def make_cache(policy=policy):
+                    return RetentionCache.for_model(model, memory, buffer, policy)
+
+                scores[policy], _ = exact_match(model, tokenizer, prompts, answers, make_cache=make_cache,
+                                                desc=f"{task} {policy} {fraction}")
+                print(f"[kv_retention] {task} budget {fraction:.0%} (M={memory}, buffer={buffer}) {policy}: "
+                      f"{scores[policy]:.3f}", flush=True)
+            entry["budgets"][str(fraction)] = {"memory_size": memory, "buffer_size": buffer, "exact_match": scores}
+        results["tasks"][task] = entry
+        (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_accuracy_report(out, results)
+
+
+def write_accuracy_report(out: Path, results: dict) -> None:
+    lines = ["# KV retention: exact match vs KV budget", ""] + environment_lines(results["environment"]) + [
+        f"Gates: `{results['gates']}`. Budget = M / mean prompt length; the prompt is prefilled in chunks of "
+        f"`buffer` tokens and each layer keeps M tokens per kv head after every eviction.", ""]
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(results["tasks"]), figsize=(5 * len(results["tasks"]), 3.6), squeeze=False)
+    for axis, (task, entry) in zip(axes[0], results["tasks"].items()):
+        budgets = list(entry["budgets"])
+        lines += [f"## {task} (full cache: {entry['full']:.3f}; mean prompt {entry['mean_prompt_tokens']:.0f} tokens)",
+                  "", "| policy | " + " | ".join(f"{float(b):.0%} (M={entry['budgets'][b]['memory_size']})"
+                                                  for b in budgets) + " |",
+                  "|---|" + "---|" * len(budgets)]
+        for policy in POLICIES:
+            values = [entry["budgets"][b]["exact_match"][policy] for b in budgets]
+            lines.append(f"| {policy} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+            axis.plot([float(b) for b in budgets], values, marker="o", label=policy)
+        axis.axhline(entry["full"], color="black", linestyle="--", linewidth=0.8, label="full cache")
+        axis.set_title(task)
+        axis.set_xlabel("KV budget (share of the prompt)")
+        axis.set_ylabel("exact match")
+        lines.append("")
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=100)
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+@torch.no_grad()
+def inference(args) -> None:
+    from transformers import DynamicCache
+
+    from tokensieve.launch.export import load_retention_model
+    from tokensieve.launch.generate import bounded_generate
+    from tokensieve.selectors.kv_cache import RetentionCache
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)
+    model, tokenizer = load_retention_model(gates)
+    memory, buffer = args.memory_size, max(1, args.memory_size // 4)
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(10, vocab, (1, 8), generator=generator)
+    rows = []
+    for new_tokens in [memory // 2, memory, 2 * memory, 4 * memory, 8 * memory]:
+        options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        full = DynamicCache(config=model.config)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=full, **options)
+        bounded = RetentionCache.for_model(model, memory, buffer)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=bounded, **options)
+        full_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in full.layers)
+        rows.append({"tokens": prompt.shape[1] + new_tokens, "full_kv_bytes": full_bytes,
+                     "retention_kv_bytes": bounded.nbytes(), "ratio": bounded.nbytes() / full_bytes,
+                     "bound": (memory + buffer) / (prompt.shape[1] + new_tokens)})
+    context = torch.randint(10, vocab, (1, 8 * memory), generator=generator)
+    mask = torch.ones_like(context)
+    speed = {}
+    for name in ("full", "retention"):
+        best = None
+        for _ in range(args.repeats):
+            cache = DynamicCache(config=model.config) if name == "full" else RetentionCache.for_model(model, memory, buffer)
+            bounded_generate(model, context, mask, cache, chunk_size=buffer if name == "retention" else context.shape[1],
+                             max_new_tokens=1, do_sample=False)  # prefill
+            start = time.perf_counter()
+            ids = context
+            for _ in range(args.decode_tokens):
+                step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
+                ids = torch.cat([ids, step.logits[:, -1:].argmax(-1)], dim=1)
+            elapsed = time.perf_counter() - start
+            best = elapsed if best is None else min(best, elapsed)
+        speed[name] = args.decode_tokens / best
+    results = {"environment": environment(), "memory_size": memory, "buffer_size": buffer, "memory_rows": rows,
+               "decode_context": 8 * memory, "decode_tokens_per_s": speed}
+    (out / "inference.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# KV retention: cache memory and decode speed", ""] + environment_lines(results["environment"]) + [
+        f"RetentionCache M={memory}, buffer={buffer} vs the full DynamicCache; greedy decoding of random tokens.", "",
+        "| tokens in context | full KV bytes | retention KV bytes | ratio | bound (M+buffer)/T |", "|---|---|---|---|---|"]
+    lines += [f"| {r['tokens']} | {r['full_kv_bytes']} | {r['retention_kv_bytes']} | {r['ratio']:.3f} | "
+              f"{min(r['bound'], 1):.3f} |" for r in rows]
+    lines += ["", f"Decode at a context of {8 * memory} tokens ({args.decode_tokens} tokens, best of {args.repeats}): "
+              f"full cache {speed['full']:.1f} tok/s, retention cache {speed['retention']:.1f} tok/s, "
+              f"ratio {speed['retention'] / speed['full']:.2f}"]
+    (out / "inference.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(5, 3.5))
+    axis.plot([r["tokens"] for r in rows], [r["full_kv_bytes"] for r in rows], marker="o", label="full cache")
+    axis.plot([r["tokens"] for r in rows], [r["retention_kv_bytes"] for r in rows], marker="o", label="RetentionCache")
+    axis.set_xlabel("tokens in context")
+    axis.set_ylabel("KV bytes")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "inference.png", dpi=100)
+    print("\n".join(lines))
+
+
+def training(args) -> None:
+    import tempfile
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--model.name_or_path", args.base, "--report_to", "none", "--save_strategy", "no",
+              "--resume_from_checkpoint", "false", "--max_steps", str(args.steps), "--per_device_train_batch_size", "16",
+              "--max_length", "512",
+              "--data.datasets", json.dumps([{"path": str(MQAR_TRAIN), "columns": ["prompt", "completion"]}])]
+    times = {}
+    for _ in range(args.repeats):  # alternate the two, so drift on a shared machine hits both
+        for name in ("lora_sft", "gates"):
+            timer = step_timer()
+            with tempfile.TemporaryDirectory() as tmp:
+                if name == "gates":
+                    run_recipe("recipes/tiny/trim_kv.yaml", common + ["--training.output_dir", tmp], [timer])
+                else:
+                    run_recipe("recipes/tiny/sstoken.yaml", common + [
+                        "--model.from_scratch", "null", "--training.output_dir", tmp, "--token_scorer", "none",
+                        "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.target_modules", "all-linear"], [timer])
+            times.setdefault(name, []).append(timer.median())
+    ratio = min(times["gates"]) / min(times["lora_sft"])
+    results = {"environment": environment(), "step_seconds": times, "ratio": ratio}
+    (out / "training.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Gate training step time vs LoRA SFT", ""] + environment_lines(results["environment"]) + [
+        f"Same base, mqar rows, batch 16; median step of {args.steps} steps, best of {args.repeats} alternating runs.",
+        "", "| run | step (s) |", "|---|---|",
+        f"| LoRA SFT (r16, all linear) | {min(times['lora_sft']):.4f} |",
+        f"| retention gates (teacher + student forward, CE + KL + capacity) | {min(times['gates']):.4f} |",
+        "", f"Ratio gates / LoRA SFT: {ratio:.2f}"]
+    (out / "training.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    a = commands.add_parser("accuracy")
+    a.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5])
+    a.add_argument("--test-examples", type=int, default=None)
+    i = commands.add_parser("inference")
+    i.add_argument("--memory-size", type=int, default=32)
+    i.add_argument("--decode-tokens", type=int, default=64)
+    i.add_argument("--repeats", type=int, default=3)
+    t = commands.add_parser("training")
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--repeats", type=int, default=2)
+    for sub in (a, i, t):
+        sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
+        sub.add_argument("--gates", default=None, help="a gates export (default: train one into --out/gates)")
+        sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
+        sub.add_argument("--out", default=str(REPO / "outputs/bench/kv_retention"))
+    args = parser.parse_args()
+    {"accuracy": accuracy, "inference": inference, "training": training}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
