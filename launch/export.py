@@ -167,3 +167,38 @@ def load_retention_model(path, base_model: str | None = None, dtype=None, device
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def load_selector_pipeline(path, base_model: str | None = None, dtype=None, device=None,
+                           trust_remote_code: bool = False):
+    """One call from a query-selector export to a ready SelectorPipeline (base + merged LoRA + selector + tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokensieve.selectors.query_selector import QuerySelector
+    from tokensieve.trainers.query_selector import attach_selector, load_selector_weights, read_selector_config
+    from tokensieve.trainers.selector_lm import SelectorPipeline
+
+    path = Path(path)
+    config = read_selector_config(path)
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{path}: selector.json names no base model; pass base_model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
+    if model.config.model_type != config.get("architecture"):
+        raise ModelError(f"{path}: selector trained for {config.get('architecture')!r}, base is "
+                         f"{model.config.model_type!r}")
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    selector = QuerySelector(**config["selector"])
+    load_selector_weights(selector, path)
+    attach_selector(model, selector)
+    if device is not None:
+        model = model.to(device)
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
+    return SelectorPipeline(model, tokenizer, selector, config["feature_layer"], config["query_separator"])

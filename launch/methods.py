@@ -8,6 +8,7 @@ from typing import Callable, NamedTuple
 
 from trl import SFTConfig, SFTTrainer
 
+from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
 from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
 
@@ -52,8 +53,21 @@ def build_retention_trainer(model, args, train_dataset, eval_dataset=None, proce
     )
 
 
+def build_query_selector_trainer(model, args, train_dataset, eval_dataset=None,
+                                 processing_class=None) -> QuerySelectorTrainer:
+    """QTSplus-style query selector in front of the frozen LM (trainers/query_selector.py)."""
+    return QuerySelectorTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processing_class,
+    )
+
+
 METHODS: dict[str, Method] = {
     "sft": Method(SFTConfig, build_sft_trainer),
     "token_loss": Method(TokenLossConfig, build_token_loss_trainer),
     "trim_kv": Method(RetentionConfig, build_retention_trainer),
+    "query_selector": Method(QuerySelectorConfig, build_query_selector_trainer),
 }

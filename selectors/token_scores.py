@@ -168,6 +168,21 @@ def _rotary(attention: nn.Module):
     return module.apply_rotary_pos_emb
 
 
+def rotary_queries_keys(attention: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> tuple:
+    """One layer's queries [B, H, T, d] and keys (grouped heads repeated) [B, H, T, d] as the model computes them:
+    q/k projections, q/k norms where the model has them (Qwen3), RoPE from the model's own modelling file."""
+    batch, length, _ = hidden_states.shape
+    shape = (batch, length, -1, attention.head_dim)
+    q = attention.q_proj(hidden_states).view(shape)
+    k = attention.k_proj(hidden_states).view(shape)
+    if hasattr(attention, "q_norm"):
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, k = _rotary(attention)(q, k, cos, sin)
+    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
 @torch.no_grad()
 def attention_to_prompt(
     attention: nn.Module,
@@ -191,18 +206,7 @@ def attention_to_prompt(
     """
     batch, length, _ = hidden_states.shape
     head_dim = attention.head_dim
-    shape = (batch, length, -1, head_dim)
-    q = attention.q_proj(hidden_states).view(shape)
-    k = attention.k_proj(hidden_states).view(shape)
-    if hasattr(attention, "q_norm"):  # Qwen3 normalises q and k per head before RoPE
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k = q.transpose(1, 2), k.transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = _rotary(attention)(q, k, cos, sin)
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1).float()  # [B, H, T, d]
-    q = q.float()
-
+    q, k = (t.float() for t in rotary_queries_keys(attention, hidden_states, position_embeddings))
     keys = prompt_mask.bool()
     if sink_tokens > 0:
         keys = keys & (keys.long().cumsum(dim=1) > sink_tokens)

@@ -1,0 +1,161 @@
+"""QTSplus-style query-aware token selection (METHODS.md section 5), and training-free baselines.
+
+QuerySelector scores N candidate tokens X [B, N, D] against the query tokens Q [B, L, D] with one cross-attention
+layer (r_j = max over heads and query positions of the attention probability), predicts a keep ratio rho from
+[mean Q; log N; max r; entropy of r], and keeps: in training a straight-through mask at the threshold solved for
+rho * N kept tokens; at inference the hard top n = clamp(ceil(rho N), 1, n_max), in original order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokensieve.selectors.topn import hard_top_n, solve_threshold, straight_through_mask
+
+
+@dataclass
+class Selection:
+    """What a selector decided for a batch."""
+
+    scores: torch.Tensor  # r [B, N], 0 on padding
+    rho: torch.Tensor  # [B] predicted keep ratio (the fixed ratio when n is given)
+    keep: torch.Tensor  # [B, N]: float 0/1 with straight-through gradient in training, bool at inference
+    count: torch.Tensor  # [B] tokens kept
+
+
+class QuerySelector(nn.Module):
+    """Cross-attention scorer + budget head + straight-through / hard top-n (see the module docstring).
+
+    hidden_size: width of the candidate and query features (after the optional projector);
+    feature_size: width of external candidate features (e.g. vision-encoder outputs); a linear projector maps them
+    to hidden_size. reencoder_layers: small self-attention blocks over the candidates before scoring.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int = 4, budget_hidden: int = 256, rho_min: float = 0.05,
+                 rho_max: float = 0.5, n_max: int | None = None, tau: float = 0.1, gumbel: bool = True,
+                 reencoder_layers: int = 0, feature_size: int | None = None, running_mean_momentum: float = 0.99):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
+        if not 0.0 < rho_min <= rho_max <= 1.0:
+            raise ValueError(f"need 0 < rho_min <= rho_max <= 1, got {rho_min}, {rho_max}")
+        self.config = {"hidden_size": hidden_size, "num_heads": num_heads, "budget_hidden": budget_hidden,
+                       "rho_min": rho_min, "rho_max": rho_max, "n_max": n_max, "tau": tau, "gumbel": gumbel,
+                       "reencoder_layers": reencoder_layers, "feature_size": feature_size,
+                       "running_mean_momentum": running_mean_momentum}
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.rho_min, self.rho_max, self.n_max, self.tau, self.gumbel = rho_min, rho_max, n_max, tau, gumbel
+        self.momentum = running_mean_momentum
+        self.projector = nn.Linear(feature_size, hidden_size) if feature_size else None
+        self.reencoder = nn.ModuleList(
+            nn.TransformerEncoderLayer(hidden_size, num_heads, 2 * hidden_size, dropout=0.0, batch_first=True,
+                                       norm_first=True)
+            for _ in range(reencoder_layers))
+        self.query_norm = nn.LayerNorm(hidden_size)
+        self.key_norm = nn.LayerNorm(hidden_size)
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.budget = nn.Sequential(nn.Linear(hidden_size + 3, budget_hidden), nn.GELU(), nn.Linear(budget_hidden, 1))
+        self.register_buffer("rho_running_mean", torch.tensor((rho_min + rho_max) / 2))
+
+    def encode_candidates(self, candidates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.projector(candidates) if self.projector is not None else candidates
+        for block in self.reencoder:
+            x = block(x, src_key_padding_mask=~mask)
+        return x
+
+    def relevance(self, candidates, candidate_mask, query, query_mask) -> torch.Tensor:
+        """r_j = max over heads h and query positions l of softmax_N(q_l k_j / sqrt(d_h)): [B, N] in [0, 1]."""
+        batch, n, _ = candidates.shape
+        q = self.q_proj(self.query_norm(query)).view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(self.key_norm(candidates)).view(batch, n, self.num_heads, self.head_dim).transpose(1, 2)
+        logits = torch.einsum("bhld,bhnd->bhln", q, k) / math.sqrt(self.head_dim)
+        probs = logits.masked_fill(~candidate_mask[:, None, None, :], -math.inf).softmax(dim=-1)
+        probs = probs.masked_fill(~query_mask[:, None, :, None], 0.0)
+        return probs.amax(dim=(1, 2)).masked_fill(~candidate_mask, 0.0)
+
+    def keep_ratio(self, scores, candidate_mask, query, query_mask) -> torch.Tensor:
+        """rho = rho_min + (rho_max - rho_min) * sigmoid(MLP([mean Q; log N; max r; entropy of r]))."""
+        counts = candidate_mask.sum(-1).clamp(min=1).float()
+        p = scores / scores.sum(-1, keepdim=True).clamp(min=1e-8)
+        entropy = -(p * p.clamp(min=1e-12).log()).sum(-1)
+        mean_query = (query * query_mask[..., None]).sum(1) / query_mask.sum(-1, keepdim=True).clamp(min=1)
+        features = torch.cat([mean_query, counts.log()[:, None], scores.amax(-1)[:, None], entropy[:, None]], dim=-1)
+        return self.rho_min + (self.rho_max - self.rho_min) * torch.sigmoid(self.budget(features).squeeze(-1))
+
+    def forward(self, candidates, candidate_mask, query, query_mask, n: int | None = None,
+                ratio: float | None = None) -> Selection:
+        """Select among `candidates`; `n` or `ratio` fix the budget instead of the learned rho."""
+        candidate_mask, query_mask = candidate_mask.bool(), query_mask.bool()
+        x = self.encode_candidates(candidates, candidate_mask)
+        scores = self.relevance(x, candidate_mask, query, query_mask)
+        counts = candidate_mask.sum(-1).float()
+        if n is not None or ratio is not None:
+            target = torch.full_like(counts, float(n)) if n is not None else ratio * counts
+            rho = target / counts.clamp(min=1)
+        else:
+            rho = self.keep_ratio(scores, candidate_mask, query, query_mask)
+            target = rho * counts
+        if self.n_max is not None:
+            target = target.clamp(max=self.n_max)
+        if self.training:
+            threshold = solve_threshold(scores, target, self.tau, mask=candidate_mask)
+            keep = straight_through_mask(scores, threshold, self.tau, self.gumbel, candidate_mask)
+            with torch.no_grad():
+                self.rho_running_mean.lerp_(rho.detach().mean(), 1 - self.momentum)
+            count = keep.detach().sum(-1)
+        else:
+            count = torch.ceil(target.detach() - 1e-6).clamp(min=1)
+            keep = hard_top_n(scores, count, candidate_mask)
+            count = keep.sum(-1).float()
+        return Selection(scores=scores, rho=rho, keep=keep, count=count)
+
+    def budget_terms(self, selection: Selection, candidate_mask, lambda_t: float = 1.0, lambda_m: float = 1.7,
+                     lambda_s: float = 0.05) -> dict[str, torch.Tensor]:
+        """QTSplus budget regularisers, batch means: lambda_t (rho N)^2 / n_max^2, lambda_m rho N / n_max,
+        lambda_s (rho - running mean)^2. n_max defaults to each row's N."""
+        counts = candidate_mask.sum(-1).float().clamp(min=1)
+        n_max = torch.full_like(counts, float(self.n_max)) if self.n_max is not None else counts
+        expected = selection.rho * counts
+        return {
+            "budget_square": lambda_t * (expected**2 / n_max**2).mean(),
+            "budget_linear": lambda_m * (expected / n_max).mean(),
+            "budget_stability": lambda_s * ((selection.rho - self.rho_running_mean) ** 2).mean(),
+        }
+
+
+# --- training-free baselines, same output ---------------------------------------------------------------------------
+
+
+def promptdistill_scores(q_last: torch.Tensor, keys: torch.Tensor, candidate_mask: torch.Tensor,
+                         kernel: int = 5) -> torch.Tensor:
+    """PromptDistill-style relevance: head-mean of q_last . k_j / sqrt(d) at one layer, smoothed by an average pool.
+
+    q_last [B, H, d] (the last prompt token's query), keys [B, H, N, d] (the candidates' keys, grouped heads
+    repeated), candidate_mask [B, N]. Returns [B, N], -inf on padding.
+    """
+    logits = torch.einsum("bhd,bhnd->bhn", q_last.float(), keys.float()) / math.sqrt(keys.shape[-1])
+    score = logits.mean(dim=1)
+    score = F.avg_pool1d(score[:, None], kernel_size=kernel, stride=1, padding=kernel // 2,
+                         count_include_pad=False)[:, 0]
+    return score.masked_fill(~candidate_mask.bool(), -math.inf)
+
+
+def position_scores(candidate_mask: torch.Tensor, how: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Scores that make top-n keep the first n ("first"), the last n ("last") or a random n ("random") tokens."""
+    n = candidate_mask.shape[-1]
+    index = torch.arange(n, device=candidate_mask.device, dtype=torch.float).expand(candidate_mask.shape)
+    if how == "first":
+        score = -index
+    elif how == "last":
+        score = index.clone()
+    elif how == "random":
+        score = torch.rand(candidate_mask.shape, generator=generator).to(candidate_mask.device)
+    else:
+        raise ValueError(f"how must be first, last or random, got {how!r}")
+    return score.masked_fill(~candidate_mask.bool(), -math.inf)

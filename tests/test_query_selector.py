@@ -1,0 +1,190 @@
+"""Query selectors: the threshold solver and masks by hand, the selector module, LM plumbing, trainer and export."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+from tokensieve.errors import ModelError
+from tokensieve.launch.model import FromScratchArguments, build_config
+from tokensieve.selectors.query_selector import QuerySelector, position_scores, promptdistill_scores
+from tokensieve.selectors.topn import hard_top_n, solve_threshold, straight_through_mask
+from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer
+from tokensieve.trainers.selector_lm import SelectorPipeline, lm_features, reduced_inputs
+
+
+def fresh_model(tokenizer, architecture="qwen3", seed=0):
+    torch.manual_seed(seed)
+    spec = FromScratchArguments(architecture=architecture, max_position_embeddings=256, num_hidden_layers=3)
+    return AutoModelForCausalLM.from_config(build_config(spec, tokenizer)).eval()
+
+
+def test_solve_threshold_hits_the_target_and_is_differentiable():
+    scores = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7], [0.2, 0.8, 0.4, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    target = torch.tensor([2.0, 1.0], requires_grad=True)
+    t = solve_threshold(scores, target, tau=0.1, mask=mask)
+    soft = torch.sigmoid((scores - t[:, None]) / 0.1) * mask
+    assert torch.allclose(soft.sum(-1), target.detach(), atol=1e-4)
+    assert 0.5 < t[0].item() < 0.7  # between the 2nd and 3rd highest scores
+    t.sum().backward()
+    assert (target.grad < 0).all()  # keeping more tokens lowers the threshold
+    with pytest.raises(ValueError, match="tau"):
+        solve_threshold(scores, target, tau=0.0)
+
+
+def test_straight_through_mask_is_hard_with_a_gradient():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.01, 0.02, 0.03]], requires_grad=True)
+    threshold = torch.tensor([0.4, 0.5])
+    for gumbel in (False, True):
+        torch.manual_seed(0)
+        keep = straight_through_mask(scores, threshold, tau=0.1, gumbel=gumbel)
+        hard = keep.detach().round()
+        assert torch.allclose(keep.detach(), hard, atol=1e-6) and set(hard.flatten().tolist()) <= {0.0, 1.0}
+        assert (hard.sum(-1) >= 1).all()  # row 1 has nothing above 0.5: its best token is forced in
+        if not gumbel:
+            assert hard.tolist() == [[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]
+        (keep * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+        assert scores.grad.abs().sum() > 0
+        scores.grad = None
+
+
+def test_hard_top_n_keeps_the_best_in_original_order():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.5, 0.4, 0.0, 0.0]])
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])
+    keep = hard_top_n(scores, torch.tensor([2, 5]), mask)
+    assert keep.tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert hard_top_n(scores, 0, mask).sum(-1).tolist() == [1, 1]  # at least one
+
+
+def test_query_selector_training_and_inference_modes():
+    torch.manual_seed(0)
+    selector = QuerySelector(hidden_size=16, num_heads=2, budget_hidden=8, rho_min=0.1, rho_max=0.5)
+    candidates, query = torch.randn(3, 20, 16), torch.randn(3, 4, 16)
+    cmask = torch.ones(3, 20, dtype=torch.bool)
+    cmask[2, 12:] = False
+    qmask = torch.ones(3, 4, dtype=torch.bool)
+    selection = selector.train()(candidates, cmask, query, qmask)
+    assert ((selection.rho >= 0.1) & (selection.rho <= 0.5)).all()
+    assert not (selection.keep.detach().bool() & ~cmask).any()
+    loss = (selection.keep * torch.arange(20.0)).sum() + sum(selector.budget_terms(selection, cmask).values())
+    loss.backward()
+    assert selector.q_proj.weight.grad.abs().sum() > 0 and selector.budget[0].weight.grad.abs().sum() > 0
+    selection = selector.eval()(candidates, cmask, query, qmask)
+    assert selection.keep.dtype == torch.bool
+    expected = torch.ceil(selection.rho * cmask.sum(-1) - 1e-6).clamp(min=1)
+    assert torch.equal(selection.count, expected)
+    assert selector(candidates, cmask, query, qmask, n=3).count.tolist() == [3, 3, 3]
+    fixed = selector(candidates, cmask, query, qmask, ratio=0.25)
+    assert fixed.count.tolist() == [5, 5, 3]
+
+
+def test_budget_terms_by_hand():
+    selector = QuerySelector(hidden_size=8, num_heads=2, n_max=10)
+    selection = type("S", (), {"rho": torch.tensor([0.2, 0.4])})()
+    cmask = torch.ones(2, 20, dtype=torch.bool)  # rho N = 4 and 8; n_max 10
+    terms = selector.budget_terms(selection, cmask, lambda_t=1.0, lambda_m=1.7, lambda_s=0.05)
+    assert terms["budget_square"].item() == pytest.approx((0.16 + 0.64) / 2)
+    assert terms["budget_linear"].item() == pytest.approx(1.7 * (0.4 + 0.8) / 2)
+    mean = (selector.rho_min + selector.rho_max) / 2
+    assert terms["budget_stability"].item() == pytest.approx(0.05 * ((0.2 - mean) ** 2 + (0.4 - mean) ** 2) / 2)
+
+
+def test_projected_features_and_baseline_scores():
+    selector = QuerySelector(hidden_size=16, num_heads=2, feature_size=40, reencoder_layers=1).eval()
+    features, query = torch.randn(2, 30, 40), torch.randn(2, 3, 16)
+    keep = selector(features, torch.ones(2, 30, dtype=torch.bool), query, torch.ones(2, 3, dtype=torch.bool)).keep
+    assert keep.shape == (2, 30) and keep.sum() >= 2
+    cmask = torch.tensor([[True, True, True, False]])
+    assert hard_top_n(position_scores(cmask, "first"), 2, cmask).tolist() == [[True, True, False, False]]
+    assert hard_top_n(position_scores(cmask, "last"), 2, cmask).tolist() == [[False, True, True, False]]
+    q_last, keys = torch.randn(1, 2, 4), torch.randn(1, 2, 4, 4)
+    scores = promptdistill_scores(q_last, keys, cmask, kernel=1)
+    expected = (torch.einsum("bhd,bhnd->bhn", q_last, keys) / 2).mean(1)
+    assert torch.allclose(scores[:, :3], expected[:, :3]) and scores[0, 3] == -math.inf
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_lm_features_and_reduced_inputs_match_the_full_model(tiny_tokenizer, architecture):
+    model = fresh_model(tiny_tokenizer, architecture)
+    pipe = SelectorPipeline(model, tiny_tokenizer)
+    batch = pipe.encode(["record 1 : key k1 maps to v3 ;", "key k2 ;"], [" ? copy", " ? copy it"])
+    features = lm_features(model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
+                           batch["query_mask"], layer=2)
+    real_query = int(batch["query_mask"][0].sum())
+    row = torch.cat([batch["context_ids"][0], batch["query_ids"][0, :real_query]])[None]
+    hidden = model(input_ids=row, output_hidden_states=True).hidden_states[2]
+    n = batch["context_ids"].shape[1]
+    assert torch.allclose(features.context[0], hidden[0, :n], atol=1e-5)
+    assert torch.allclose(features.query[0, :real_query], hidden[0, n:], atol=1e-5)
+    # Keeping every context token reproduces the full model's logits at the query positions.
+    inputs = reduced_inputs(model, batch["context_ids"], batch["context_mask"], batch["context_mask"].bool(),
+                            batch["query_ids"], batch["query_mask"])
+    inputs.pop("labels")
+    reduced = model(**inputs).logits
+    assert torch.allclose(reduced[0, : row.shape[1]], model(input_ids=row).logits[0], atol=1e-4)
+
+
+def rows(n=32):
+    return [{"prompt": f"record {i} : key k{i % 5} maps to v{(i * 3) % 7} and filler words here ? copy k{i % 5}",
+             "completion": f" v{(i * 3) % 7}"} for i in range(n)]
+
+
+def train_selector(tokenizer, tmp_path, **kwargs):
+    args = QuerySelectorConfig(output_dir=str(tmp_path / "sel"), max_steps=3, per_device_train_batch_size=8,
+                               learning_rate=1e-2, feature_layer=1, selector_heads=2, budget_hidden=16,
+                               report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                               save_strategy="no", logging_steps=1, **kwargs)
+    trainer = QuerySelectorTrainer(model=fresh_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows()),
+                                   processing_class=tokenizer)
+    trainer.start = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("fixed", [None, 0.25])
+def test_trainer_trains_only_the_selector(tiny_tokenizer, tmp_path, fixed):
+    trainer = train_selector(tiny_tokenizer, tmp_path, fixed_keep_ratio=fixed)
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in trainer.start.items() if not torch.equal(p, after[n])}
+    assert changed and all("query_selector" in n for n in changed)
+    logs = [e for e in trainer.state.log_history if "kept_fraction" in e]
+    assert logs and "answer_ce" in logs[0] and "rho_mean" in logs[0]
+    assert ("budget_linear" in logs[0]) == (fixed is None)
+
+
+def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tmp_path):
+    base = tmp_path / "base"
+    fresh_model(tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    args = QuerySelectorConfig(output_dir=str(tmp_path / "sel"), max_steps=2, per_device_train_batch_size=8,
+                               selector_heads=2, budget_hidden=16, report_to="none", use_cpu=True, bf16=False,
+                               gradient_checkpointing=False, save_strategy="no")
+    trainer = QuerySelectorTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
+                                   train_dataset=Dataset.from_list(rows()), processing_class=tiny_tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "export"))
+    model = trainer.model.eval()
+    pipe = SelectorPipeline(model, tiny_tokenizer, model.query_selector, 1)
+    contexts, queries = ["record 3 : key k3 maps to v2 and filler words here"], [" ? copy k3"]
+    expected, keep = pipe.answer(contexts, queries, max_new_tokens=3, ratio=0.5)
+    script = ("import torch; from tokensieve.launch.export import load_selector_pipeline;"
+              f"p = load_selector_pipeline({str(tmp_path / 'export')!r});"
+              f"out, keep = p.answer({contexts!r}, {queries!r}, max_new_tokens=3, ratio=0.5);"
+              "import json; print(json.dumps([out.tolist(), keep.tolist()]))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected.tolist(), keep.tolist()]
+    from tokensieve.launch.export import load_selector_pipeline
+
+    with pytest.raises(ModelError, match="no selector.json"):
+        load_selector_pipeline(tmp_path / "nothing")
+    data = (tmp_path / "export/selector.safetensors").read_bytes()
+    (tmp_path / "export/selector.safetensors").write_bytes(data[:100])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        load_selector_pipeline(tmp_path / "export")

@@ -1,0 +1,254 @@
+"""Query-selector training: a frozen LM answers from the context tokens a trainable QuerySelector keeps.
+
+Each example is a context, a query and an answer (columns `context`/`query`/`completion`, or a prompt/completion
+row whose prompt is cut at the last `query_separator`). Per batch: LM features of [context; query] from the first
+`feature_layer` layers (no grad) -> the selector keeps a subset of the context (straight-through) -> the LM reads
+[kept context embeddings; query; answer] and the loss is the answer's CE (summed, divided by the answer-token count
+of the global batch) + the budget terms (learned budget only; per-micro-batch means).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.nn.utils.rnn import pad_sequence
+from trl import SFTConfig, SFTTrainer
+
+from tokensieve.errors import DataError, ModelError
+from tokensieve.selectors.query_selector import QuerySelector
+from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
+
+SELECTOR_FILE = "selector.safetensors"
+SELECTOR_CONFIG = "selector.json"
+FORMAT = "tokensieve-query-selector"
+
+
+@dataclass
+class QuerySelectorConfig(SFTConfig):
+    """SFTConfig plus the selector's architecture, budget and loss options (defaults from METHODS.md s.5)."""
+
+    query_separator: str = field(default=" ?", metadata={"help": "Rows without context/query columns: the query "
+                                                                 "starts at the prompt's last occurrence of this."})
+    feature_layer: int = field(default=1, metadata={"help": "LM layers run (no grad) to get the scoring features."})
+    selector_heads: int = field(default=4, metadata={"help": "Heads of the scorer's cross-attention."})
+    budget_hidden: int = field(default=256, metadata={"help": "Width of the budget head's MLP."})
+    rho_min: float = field(default=0.05, metadata={"help": "Smallest keep ratio the budget head predicts."})
+    rho_max: float = field(default=0.5, metadata={"help": "Largest keep ratio the budget head predicts."})
+    max_kept_tokens: int | None = field(default=None, metadata={"help": "n_max: cap on kept tokens (default: N)."})
+    selector_tau: float = field(default=0.1, metadata={"help": "Temperature of the soft threshold / Gumbel mask."})
+    gumbel: bool = field(default=True, metadata={"help": "Gumbel straight-through (else plain STE)."})
+    reencoder_layers: int = field(default=0, metadata={"help": "Self-attention blocks over candidates before scoring."})
+    fixed_keep_ratio: float | None = field(
+        default=None, metadata={"help": "Train for a fixed share of the context instead of the learned budget."}
+    )
+    lambda_t: float = field(default=1.0, metadata={"help": "Weight of (rho N)^2 / n_max^2."})
+    lambda_m: float = field(default=1.7, metadata={"help": "Weight of rho N / n_max."})
+    lambda_s: float = field(default=0.05, metadata={"help": "Weight of (rho - running mean)^2."})
+    train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = [
+            (self.feature_layer >= 1, "feature_layer", ">= 1", self.feature_layer),
+            (0.0 < self.rho_min <= self.rho_max <= 1.0, "rho_min/rho_max", "0 < rho_min <= rho_max <= 1",
+             (self.rho_min, self.rho_max)),
+            (self.selector_tau > 0, "selector_tau", "> 0", self.selector_tau),
+            (self.fixed_keep_ratio is None or 0 < self.fixed_keep_ratio <= 1, "fixed_keep_ratio", "in (0, 1]",
+             self.fixed_keep_ratio),
+            (self.max_kept_tokens is None or self.max_kept_tokens >= 1, "max_kept_tokens", ">= 1", self.max_kept_tokens),
+            (not self.packing, "packing", "false", self.packing),
+        ]
+        for ok, name, expected, value in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+    def selector_kwargs(self, hidden_size: int) -> dict:
+        return dict(hidden_size=hidden_size, num_heads=self.selector_heads, budget_hidden=self.budget_hidden,
+                    rho_min=self.rho_min, rho_max=self.rho_max, n_max=self.max_kept_tokens, tau=self.selector_tau,
+                    gumbel=self.gumbel, reencoder_layers=self.reencoder_layers)
+
+
+def attach_selector(model, selector: QuerySelector) -> QuerySelector:
+    """Make the selector a submodule of the LM, so it trains, moves and checkpoints with it."""
+    _base(model).query_selector = selector.to(next(model.parameters()).device)
+    return selector
+
+
+def encode_rows(dataset, tokenizer, separator: str, dataset_name: str):
+    """context_ids / query_ids / answer_ids (answer + EOS) from context/query/completion or prompt/completion."""
+    columns = dataset.column_names
+    if "completion" not in columns or not ({"context", "query"} <= set(columns) or "prompt" in columns):
+        raise DataError(f"{dataset_name} dataset: a query selector needs columns context, query and completion "
+                        f"(or prompt and completion); got {', '.join(columns)}")
+
+    def encode(batch):
+        contexts, queries = [], []
+        for i in range(len(batch["completion"])):
+            if "context" in batch and "query" in batch:
+                context, query = batch["context"][i], batch["query"][i]
+            else:
+                try:
+                    context, query = split_prompt(batch["prompt"][i], separator)
+                except ValueError as error:
+                    raise DataError(f"{dataset_name} dataset, a row starting {batch['prompt'][i][:40]!r}: "
+                                    f"{error} (query_separator)") from None
+            contexts.append(context)
+            queries.append(query)
+        answers = [c + tokenizer.eos_token for c in batch["completion"]]
+        encode_text = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
+        return {"context_ids": encode_text(contexts), "query_ids": encode_text(queries),
+                "answer_ids": encode_text(answers)}
+
+    return dataset.map(encode, batched=True, remove_columns=columns, desc=f"Encoding {dataset_name} contexts")
+
+
+class SelectorCollator:
+    """Right-pads context, query and answer ids; `labels` ([-100] + answer) lets the Trainer count answer tokens."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = {}
+        for key in ("context_ids", "query_ids", "answer_ids"):
+            rows = [torch.tensor(e[key], dtype=torch.long) for e in examples]
+            batch[key] = pad_sequence(rows, batch_first=True, padding_value=self.pad_id)
+            batch[key.replace("_ids", "_mask")] = pad_sequence([torch.ones_like(r) for r in rows], batch_first=True)
+        labels = [torch.tensor([-100] + e["answer_ids"], dtype=torch.long) for e in examples]
+        batch["labels"] = pad_sequence(labels, batch_first=True, padding_value=-100)
+        return batch
+
+
+class QuerySelectorTrainer(SFTTrainer):
+    """Trains a QuerySelector in front of a frozen LM (see the module docstring)."""
+
+    _tag_names = ["trl", "sft", "tokensieve", "query-selector"]
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, model, args: QuerySelectorConfig, *rest, **kwargs):
+        base = _base(model)
+        if not hasattr(base, "query_selector"):
+            attach_selector(model, QuerySelector(**args.selector_kwargs(base.config.get_text_config().hidden_size)))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("query_selector" in name or (args.train_lora and "lora_" in name))
+        super().__init__(model, args, *rest, **kwargs)
+        self.data_collator = SelectorCollator(self.processing_class.pad_token_id)
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        return encode_rows(dataset, processing_class, args.query_separator, dataset_name)
+
+    def _set_signature_columns_if_needed(self):
+        self._signature_columns = ["context_ids", "query_ids", "answer_ids"]
+
+    @property
+    def selector(self) -> QuerySelector:
+        return _base(self.accelerator.unwrap_model(self.model)).query_selector
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        selector = self.selector
+        unwrapped = self.accelerator.unwrap_model(model)
+        features = lm_features(unwrapped, inputs["context_ids"], inputs["context_mask"], inputs["query_ids"],
+                               inputs["query_mask"], args.feature_layer)
+        selection = selector(features.context.float(), inputs["context_mask"], features.query.float(),
+                             inputs["query_mask"], ratio=args.fixed_keep_ratio)
+        keep = selection.keep if selector.training else selection.keep.float()
+        lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"], keep,
+                                   inputs["query_ids"], inputs["query_mask"], inputs["answer_ids"], inputs["answer_mask"])
+        labels = lm_inputs.pop("labels")
+        logits = model(**lm_inputs, use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none") * (targets != -100)
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = ce.sum() / torch.as_tensor(count).clamp(min=1)
+        if args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes
+        terms = {}
+        if args.fixed_keep_ratio is None:
+            terms = selector.budget_terms(selection, inputs["context_mask"], args.lambda_t, args.lambda_m, args.lambda_s)
+            steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+            loss = loss + sum(terms.values()) / steps
+        self._record(mode, ce, targets, selection, inputs["context_mask"], terms)
+        return (loss, None) if return_outputs else loss
+
+    @torch.no_grad()
+    def _record(self, mode, ce, targets, selection, context_mask, terms) -> None:
+        stats = {
+            "answer_ce": ce.sum() / (targets != -100).sum().clamp(min=1),
+            "kept_fraction": (selection.count / context_mask.sum(-1).clamp(min=1)).mean(),
+            "kept_tokens": selection.count.float().mean(),
+            "rho_mean": selection.rho.detach().mean(),
+            **{k: v.detach() for k, v in terms.items()},
+        }
+        for name, value in stats.items():
+            gathered = self.accelerator.gather_for_metrics(torch.as_tensor(value, device=self.args.device).float()[None])
+            self._metrics[mode][name].append(gathered.mean().item())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        output_dir = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:
+            save_selector(unwrapped, output_dir, self.args)
+        if hasattr(unwrapped, "peft_config"):
+            super().save_model(output_dir, _internal_call)
+        elif self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        if hasattr(unwrapped, "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_selector_weights(_base(unwrapped).query_selector, resume_from_checkpoint)
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+
+def save_selector(model, output_dir, args: QuerySelectorConfig) -> Path:
+    """selector.safetensors + selector.json (the selector's config, feature layer, separator, base model)."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _base(model)
+    name = getattr(base.config, "_name_or_path", "") or ""
+    config = {"format": FORMAT, "version": 1, "selector": base.query_selector.config,
+              "feature_layer": args.feature_layer, "query_separator": args.query_separator,
+              "fixed_keep_ratio": args.fixed_keep_ratio, "architecture": base.config.model_type,
+              "base_model_name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
+              "base_model_revision": getattr(base.config, "_commit_hash", None)}
+    state = {k: v.detach().cpu().contiguous() for k, v in base.query_selector.state_dict().items()}
+    for file, write in ((SELECTOR_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT})),
+                        (SELECTOR_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
+        tmp = folder / f".{file}.tmp-{os.getpid()}"
+        write(tmp)
+        os.replace(tmp, folder / file)
+    return folder
+
+
+def read_selector_config(path) -> dict:
+    file = Path(path) / SELECTOR_CONFIG
+    if not file.is_file():
+        raise ModelError(f"{path}: no {SELECTOR_CONFIG} (not a query-selector export, or an incomplete one)")
+    config = json.loads(file.read_text())
+    if config.get("format") != FORMAT:
+        raise ModelError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    return config
+
+
+def load_selector_weights(selector: QuerySelector, path) -> None:
+    file = Path(path) / SELECTOR_FILE
+    if not file.is_file():
+        raise ModelError(f"{path}: {SELECTOR_FILE} is missing")
+    try:
+        state = load_file(str(file))
+        selector.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelError(f"{file}: does not fit the selector in {SELECTOR_CONFIG}: {str(error)[:300]}") from None
+    except Exception as error:  # safetensors raises its own error type on truncated files
+        raise ModelError(f"{file}: cannot read the selector weights (truncated or corrupt?): {error}") from None
