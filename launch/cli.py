@@ -53,6 +53,8 @@ def _cmd_generate(args) -> int:
             prompts.append(open(path, encoding="utf-8").read())
         except OSError as error:
             raise TokensieveError(f"--prompt-file {path}: {error.strerror}") from None
+    if args.selector:
+        return _generate_with_selector(args, prompts)
     if not prompts:
         raise TokensieveError("generate: give --prompt TEXT or --prompt-file FILE")
     for result in generate_text(args.model, prompts, args.memory_size, args.buffer_size, args.policy,
@@ -60,6 +62,30 @@ def _cmd_generate(args) -> int:
         print(result["completion"])
         print(f"[{result['tokens_seen']} tokens seen, {result['kv_tokens_kept']} kept per layer and kv head, "
               f"{result['kv_bytes']} KV bytes]", file=sys.stderr)
+    return 0
+
+
+def _generate_with_selector(args, prompts: list[str]) -> int:
+    from tokensieve.launch.export import load_selector_pipeline
+    from tokensieve.trainers.selector_lm import split_prompt
+
+    pipeline = load_selector_pipeline(args.model)
+    pairs = []
+    if args.context is not None or args.query is not None:
+        if args.context is None or args.query is None:
+            raise TokensieveError("generate --selector: give both --context and --query (or --prompt)")
+        pairs.append((args.context, args.query))
+    for prompt in prompts:
+        try:
+            pairs.append(split_prompt(prompt, pipeline.query_separator))
+        except ValueError as error:
+            raise TokensieveError(f"generate --selector: {error}; or give --context and --query") from None
+    if not pairs:
+        raise TokensieveError("generate --selector: give --prompt TEXT, --prompt-file FILE or --context/--query")
+    for context, query in pairs:
+        ids, keep = pipeline.answer([context], [query], args.max_new_tokens, n=args.keep, ratio=args.keep_ratio)
+        print(pipeline.tokenizer.decode(ids[0], skip_special_tokens=True))
+        print(f"[kept {int(keep.sum())} of {keep.shape[1]} context tokens]", file=sys.stderr)
     return 0
 
 
@@ -136,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
     generate.add_argument("--policy", default="gates", help="gates, streaming, h2o, snapkv, knorm or random")
     generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: keep the "
+                          "context tokens the selector picks, then answer")
+    generate.add_argument("--context", default=None, help="with --selector: the context text")
+    generate.add_argument("--query", default=None, help="with --selector: the question")
+    generate.add_argument("--keep", type=int, default=None, help="with --selector: keep exactly N context tokens")
+    generate.add_argument("--keep-ratio", type=float, default=None, help="with --selector: keep this share "
+                          "(default: the selector's learned budget)")
     generate.set_defaults(handler=_cmd_generate)
 
     evaluate = commands.add_parser(

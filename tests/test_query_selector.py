@@ -188,3 +188,26 @@ def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tm
     (tmp_path / "export/selector.safetensors").write_bytes(data[:100])
     with pytest.raises(ModelError, match="truncated or corrupt"):
         load_selector_pipeline(tmp_path / "export")
+
+
+def test_recipe_and_generate_cli(tiny_tokenizer, tmp_path, repo_root, capsys):
+    from tokensieve.launch.cli import main
+    from tokensieve.launch.recipe import load_recipe
+    from tokensieve.launch.run import run_training
+
+    base = tmp_path / "base"
+    fresh_model(tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows()))
+    out = tmp_path / "selector"
+    run_training(load_recipe(repo_root / "recipes/tiny/query_selector.yaml", [
+        "--model.name_or_path", str(base), "--data.datasets", json.dumps([{"path": str(data)}]),
+        "--training.output_dir", str(out), "--max_steps", "2", "--report_to", "none", "--save_strategy", "no",
+        "--per_device_train_batch_size", "4", "--budget_hidden", "8"]))
+    assert (out / "selector.json").exists() and (out / "selector.safetensors").exists()
+    assert main(["generate", str(out), "--selector", "--prompt", "record 2 : key k2 maps to v6 ? copy k2",
+                 "--keep", "3", "--max-new-tokens", "2"]) == 0
+    assert "[kept 3 of" in capsys.readouterr().err
+    assert main(["generate", str(out), "--selector", "--prompt", "no separator here"]) == 2
+    assert "separator" in capsys.readouterr().err
