@@ -1,0 +1,194 @@
+"""Query-aware context selection on needle-qa: accuracy vs kept share, and prefill cost, for a trained selector and
+training-free baselines, all through the same SelectorPipeline.
+
+    python benchmarks/query_selection.py accuracy [--base outputs/base/tiny_recall] [--ratios 0.05 0.1 0.25]
+    python benchmarks/query_selection.py prefill  [--ratio 0.1]
+
+accuracy: two selectors are trained on the frozen base with recipes/tiny/query_selector.yaml (learned budget, and
+fixed 10% budget) unless --learned/--fixed name exports; then every method answers the needle-qa test split:
+full context; the learned-budget selector at its own budget and at each fixed share; the fixed-budget selector at
+each share; PromptDistill-style scoring at the feature layer; first-n, last-n, random-n.
+prefill: wall time and KV-cache bytes of answering with the selector at --ratio (feature pass + reduced prefill)
+vs the full context, alternating, best of --repeats.
+Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/query_selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import REPO, environment, environment_lines, pyplot, run_recipe
+
+TEST = REPO / "data/tasks/needle-qa/test.jsonl"
+BASELINES = ["promptdistill", "first", "last", "random"]
+
+
+def train(base: str, folder: Path, steps: int | None, extra: list[str]) -> Path:
+    if not (folder / "selector.json").exists():
+        overrides = ["--model.name_or_path", base, "--training.output_dir", str(folder), "--report_to", "none",
+                     "--save_strategy", "no", "--resume_from_checkpoint", "false"] + extra
+        if steps:
+            overrides += ["--max_steps", str(steps)]
+        run_recipe("recipes/tiny/query_selector.yaml", overrides)
+    return folder
+
+
+def load_rows(n: int | None, separator: str) -> tuple[list[str], list[str], list[str]]:
+    from tokensieve.trainers.selector_lm import split_prompt
+
+    rows = [json.loads(line) for line in TEST.open()]
+    rows = rows[:n] if n else rows
+    pairs = [split_prompt(r["prompt"], separator) for r in rows]
+    return [p[0] for p in pairs], [p[1] for p in pairs], [r["completion"] for r in rows]
+
+
+def exact_match(pipeline, contexts, queries, answers, batch_size=64, **select) -> tuple[float, float]:
+    """(exact match, mean kept share of the context)."""
+    tokenizer = pipeline.tokenizer
+    correct, kept = 0, 0.0
+    for start in range(0, len(contexts), batch_size):
+        targets = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start:start + batch_size]]
+        ids, keep = pipeline.answer(contexts[start:start + batch_size], queries[start:start + batch_size],
+                                    max_new_tokens=max(len(t) for t in targets), **select)
+        mask = pipeline.encode(contexts[start:start + batch_size], queries[start:start + batch_size])["context_mask"]
+        kept += (keep.sum(-1) / mask.sum(-1)).sum().item()
+        correct += sum(row[: len(t)] == t for row, t in zip(ids.tolist(), targets))
+    return correct / len(contexts), kept / len(contexts)
+
+
+def accuracy(args) -> None:
+    from tokensieve.launch.export import load_selector_pipeline
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    learned = Path(args.learned) if args.learned else train(args.base, out / "selector-learned", args.train_steps, [])
+    fixed = Path(args.fixed) if args.fixed else train(args.base, out / "selector-fixed", args.train_steps,
+                                                      ["--fixed_keep_ratio", "0.1"])
+    pipe_learned, pipe_fixed = load_selector_pipeline(learned), load_selector_pipeline(fixed)
+    contexts, queries, answers = load_rows(args.test_examples, pipe_learned.query_separator)
+    results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
+               "ratios": args.ratios, "examples": len(contexts), "rows": {}}
+
+    def record(name, column, pipeline, **select):
+        score, share = exact_match(pipeline, contexts, queries, answers, **select)
+        results["rows"].setdefault(name, {})[str(column)] = {"exact_match": score, "kept_share": share}
+        print(f"[query_selection] {name} @ {column}: exact match {score:.3f}, kept {share:.3f}", flush=True)
+
+    record("full context", "all", pipe_learned, method="full")
+    record("selector (learned budget)", "learned", pipe_learned)
+    for ratio in args.ratios:
+        record("selector (learned budget)", ratio, pipe_learned, ratio=ratio)
+        record("selector (trained at 10%)", ratio, pipe_fixed, ratio=ratio)
+        for method in BASELINES:
+            record(method, ratio, pipe_learned, method=method, ratio=ratio)
+    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_accuracy_report(out, results)
+
+
+def write_accuracy_report(out: Path, results: dict) -> None:
+    rows, ratios = results["rows"], [str(r) for r in results["ratios"]]
+    full = rows["full context"]["all"]["exact_match"]
+    own = rows["selector (learned budget)"]["learned"]
+    lines = ["# Query-aware selection on needle-qa: exact match vs kept share of the context", ""] + environment_lines(
+        results["environment"]) + [
+        f"Base `{results['base']}` (frozen); {results['examples']} test examples. Full context: {full:.3f}. "
+        f"Learned budget on its own: {own['exact_match']:.3f} keeping {own['kept_share']:.1%} of the context.", "",
+        "| method | " + " | ".join(f"{float(r):.0%} kept" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for name, entry in rows.items():
+        if name == "full context":
+            continue
+        values = [entry[r]["exact_match"] for r in ratios]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        axis.plot([float(r) for r in ratios], values, marker="o", label=name)
+    axis.axhline(full, color="black", linestyle="--", linewidth=0.8, label="full context")
+    axis.set_xlabel("kept share of the context")
+    axis.set_ylabel("exact match")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "accuracy.png", dpi=100)
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+@torch.no_grad()
+def prefill(args) -> None:
+    from transformers import DynamicCache
+
+    from tokensieve.launch.export import load_selector_pipeline
+    from tokensieve.trainers.selector_lm import reduced_inputs
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    learned = Path(args.learned) if args.learned else train(args.base, out / "selector-learned", args.train_steps, [])
+    pipe = load_selector_pipeline(learned)
+    contexts, queries, _ = load_rows(args.batch_size, pipe.query_separator)
+    batch = pipe.encode(contexts, queries)
+    model = pipe.model
+
+    def run(method):
+        keep = pipe.select(batch, method, ratio=args.ratio) if method != "full" else batch["context_mask"].bool()
+        inputs = reduced_inputs(model, batch["context_ids"], batch["context_mask"], keep, batch["query_ids"],
+                                batch["query_mask"], left_pad=True)
+        inputs.pop("labels")
+        cache = DynamicCache(config=model.config)
+        model(**inputs, past_key_values=cache, use_cache=True)
+        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
+
+    timings, kv_bytes = {"full": [], "selector": []}, {}
+    for _ in range(args.repeats):
+        for method in ("full", "selector"):
+            start = time.perf_counter()
+            kv_bytes[method] = run(method)
+            timings[method].append(time.perf_counter() - start)
+    best = {m: min(t) for m, t in timings.items()}
+    results = {"environment": environment(), "ratio": args.ratio, "batch_size": len(contexts),
+               "seconds": timings, "kv_bytes": kv_bytes, "time_ratio": best["selector"] / best["full"],
+               "kv_ratio": kv_bytes["selector"] / kv_bytes["full"]}
+    (out / "prefill.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Prefill with the selector vs the full context", ""] + environment_lines(results["environment"]) + [
+        f"Batch of {len(contexts)} needle-qa prompts; selector at {args.ratio:.0%} of the context (its cost includes "
+        f"the feature pass through the first {pipe.feature_layer} layer(s) over the full context); best of "
+        f"{args.repeats} alternating runs.", "",
+        "| | prefill (s) | KV-cache bytes after prefill |", "|---|---|---|",
+        f"| full context | {best['full']:.4f} | {kv_bytes['full']} |",
+        f"| selector | {best['selector']:.4f} | {kv_bytes['selector']} |", "",
+        f"Ratios selector / full: time {results['time_ratio']:.2f}, KV bytes {results['kv_ratio']:.2f}"]
+    (out / "prefill.md").write_text("\n".join(lines) + "\n")
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(4, 3))
+    axis.bar(["full", "selector"], [best["full"], best["selector"]], color=["#999999", "#4c72b0"])
+    axis.set_ylabel("prefill seconds")
+    figure.tight_layout()
+    figure.savefig(out / "prefill.png", dpi=100)
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    a = commands.add_parser("accuracy")
+    a.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.25])
+    a.add_argument("--test-examples", type=int, default=None)
+    a.add_argument("--fixed", default=None, help="a selector export trained at a fixed budget")
+    p = commands.add_parser("prefill")
+    p.add_argument("--ratio", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    for sub in (a, p):
+        sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
+        sub.add_argument("--learned", default=None, help="a selector export with the learned budget")
+        sub.add_argument("--train-steps", type=int, default=None)
+        sub.add_argument("--out", default=str(REPO / "outputs/bench/query_selection"))
+    args = parser.parse_args()
+    {"accuracy": accuracy, "prefill": prefill}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
