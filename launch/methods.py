@@ -6,8 +6,9 @@ Plain dict, no dynamic imports: a recipe can only name what is registered.
 
 from typing import Callable, NamedTuple
 
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
+from tokensieve.trainers.guards import GuardedSFTTrainer
 from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
 from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
@@ -20,9 +21,9 @@ class Method(NamedTuple):
     build_trainer: Callable  # (model, args, train_dataset, eval_dataset, processing_class) -> Trainer
 
 
-def build_sft_trainer(model, args, train_dataset, eval_dataset=None, processing_class=None) -> SFTTrainer:
-    """Plain supervised fine-tuning: TRL's SFTTrainer, unchanged (the baseline every method is compared to)."""
-    return SFTTrainer(
+def build_sft_trainer(model, args, train_dataset, eval_dataset=None, processing_class=None) -> GuardedSFTTrainer:
+    """Plain supervised fine-tuning: TRL's SFTTrainer (stopping on a non-finite loss), the baseline of every method."""
+    return GuardedSFTTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

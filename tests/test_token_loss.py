@@ -189,3 +189,24 @@ def test_token_weights_of_the_wrong_length_name_the_example(rows, tiny_tokenizer
 def test_config_rejects_out_of_range_values(tmp_path, key, value):
     with pytest.raises(ValueError, match=key):
         config(tmp_path, **{key: value})
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(rows, tiny_tokenizer, tmp_path, monkeypatch):
+    from tokensieve.errors import TrainingError
+
+    args = config(tmp_path, token_scorer="none", max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3,
+                  optim="adamw_torch", save_strategy="steps", save_steps=1)
+    trainer = TokenLossTrainer(model=fresh_model(tiny_tokenizer), args=args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tiny_tokenizer)
+    original = TokenLossTrainer.compute_loss
+
+    def poisoned(self, *a, **k):
+        loss = original(self, *a, **k)
+        return loss * float("nan") if self.state.global_step == 2 else loss
+
+    monkeypatch.setattr(TokenLossTrainer, "compute_loss", poisoned)
+    with pytest.raises(TrainingError, match="step 3: the loss is not finite"):
+        trainer.train()
+    checkpoints = sorted(p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("checkpoint-"))
+    assert checkpoints == ["checkpoint-1", "checkpoint-2"]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

@@ -22,6 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import DataError, ModelError
 from tokensieve.selectors.query_selector import QuerySelector
+from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
 
 SELECTOR_FILE = "selector.safetensors"
@@ -125,7 +126,7 @@ class SelectorCollator:
         return batch
 
 
-class QuerySelectorTrainer(SFTTrainer):
+class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
     """Trains a QuerySelector in front of a frozen LM (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "query-selector"]

@@ -19,6 +19,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tokensieve.selectors.attention import attach_gates, attention_modules, collected_log_beta, gates_disabled
 from tokensieve.selectors.retention import capacity_loss
+from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 
 @dataclass
@@ -52,7 +53,7 @@ class RetentionConfig(SFTConfig):
                 raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-class RetentionTrainer(SFTTrainer):
+class RetentionTrainer(FiniteLossMixin, SFTTrainer):
     """Trains TRIM-KV retention gates on a frozen model (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "trim-kv"]
@@ -76,6 +77,7 @@ class RetentionTrainer(SFTTrainer):
             teacher = model(**model_inputs).logits[:, :-1].float()
         student = model(**model_inputs).logits[:, :-1].float()
         log_beta = collected_log_beta(unwrapped)  # [B, layers * H_kv, T]
+        check_finite(log_beta, "a retention gate's output (log beta)", self.state.global_step + 1, args.output_dir)
 
         mask = labels[:, 1:] != -100
         targets = labels[:, 1:].clamp(min=0)

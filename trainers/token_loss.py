@@ -38,6 +38,7 @@ from tokensieve.selectors.token_scores import (
     sstoken_select,
     top_k_per_row,
 )
+from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.history import ParameterEma, frozen_copy, load_reference_model, token_logprobs
 from tokensieve.trainers.token_columns import (
     EXAMPLE_INDEX,
@@ -146,7 +147,7 @@ class _HistoryUpdate(TrainerCallback):
         self.trainer.ema.update(self.trainer.accelerator.unwrap_model(self.trainer.model), state.global_step)
 
 
-class TokenLossTrainer(SFTTrainer):
+class TokenLossTrainer(FiniteLossMixin, SFTTrainer):
     """SFTTrainer whose loss weights each response token by a pluggable scorer (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "token-loss"]

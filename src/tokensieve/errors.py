@@ -15,3 +15,7 @@ class DataError(TokensieveError):
 
 class ModelError(TokensieveError):
     """A model, tokenizer, adapter or checkpoint cannot be loaded as asked."""
+
+
+class TrainingError(TokensieveError):
+    """Training cannot go on as configured: e.g. the loss or a gate output became NaN or inf."""

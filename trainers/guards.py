@@ -1,0 +1,29 @@
+"""Stop a run at the step where its loss (or a gate) stops being finite, before the optimizer applies it."""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from tokensieve.errors import TrainingError
+
+
+def check_finite(value: torch.Tensor, what: str, step: int, output_dir: str) -> None:
+    if not torch.isfinite(value.detach()).all():
+        raise TrainingError(
+            f"step {step}: {what} is not finite (NaN or inf); stopped before the optimizer step, so the last "
+            f"checkpoint in {output_dir} is intact. Lower the learning rate or check the data, then resume."
+        )
+
+
+class FiniteLossMixin:
+    """Raises TrainingError from `training_step` when the step's loss is NaN or inf (parameters still unchanged)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        check_finite(loss, "the loss", self.state.global_step + 1, self.args.output_dir)
+        return loss
+
+
+class GuardedSFTTrainer(FiniteLossMixin, SFTTrainer):
+    """TRL's SFTTrainer, unchanged except that a non-finite loss stops the run (the `sft` baseline)."""
