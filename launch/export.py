@@ -138,6 +138,19 @@ def load_gates(model, path):
     return model
 
 
+def _merge_adapter(model, path: Path, base: str):
+    """Merge the LoRA adapter saved in `path` (if any) into `model`; a mismatch is a ModelError."""
+    if not (path / "adapter_config.json").is_file():
+        return model
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise ModelError(f"{path}: the LoRA adapter does not fit the base model {base!r}: "
+                         f"{' '.join(str(error).split())[:300]}") from None
+
+
 def load_retention_model(path, base_model: str | None = None, dtype=None, device=None,
                          trust_remote_code: bool = False):
     """One call from an export folder to a model ready for `generate` with a RetentionCache.
@@ -157,10 +170,7 @@ def load_retention_model(path, base_model: str | None = None, dtype=None, device
                                                      revision=config.get("base_model_revision") if not base_model else None)
     except (OSError, ValueError) as error:
         raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = _merge_adapter(model, path, base)
     load_gates(model, path)
     tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
@@ -190,10 +200,7 @@ def load_selector_pipeline(path, base_model: str | None = None, dtype=None, devi
     if model.config.model_type != config.get("architecture"):
         raise ModelError(f"{path}: selector trained for {config.get('architecture')!r}, base is "
                          f"{model.config.model_type!r}")
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    model = _merge_adapter(model, path, base)
     selector = QuerySelector(**config["selector"])
     load_selector_weights(selector, path)
     attach_selector(model, selector)
