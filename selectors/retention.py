@@ -61,7 +61,16 @@ def _retained_sum(log_beta: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor
 
 def capacity_loss(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,
                   chunk_size: int = 256, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """TRIM-KV's capacity loss: sum_t max(0, (S_t - M) / max(t - M, 1)) over the positive terms' count (0 if none).
+    """TRIM-KV's capacity loss (see `capacity_terms`): the positive terms' sum over their count, 0 if none."""
+    total, count = capacity_terms(log_beta, memory_size, global_budget, chunk_size, valid)
+    return total / count.clamp(min=1)
+
+
+def capacity_terms(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,
+                   chunk_size: int = 256, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_t max(0, (S_t - M) / max(t - M, 1)), the number of positive terms): TRIM-KV's capacity loss is their ratio.
+
+    Returned apart so a data-parallel trainer can divide by the count summed over ranks.
 
     log_beta: [B, H, T] (fold a layer axis into H). S_t = sum_{i <= t} beta_i^(t-i) per (batch, head), t 0-indexed.
     global_budget: compare the sum of S_t over all heads with M * H instead, divided by H (one budget of M * H
@@ -94,4 +103,4 @@ def capacity_loss(log_beta: torch.Tensor, memory_size: float, global_budget: boo
         positive = (excess > 0) & valid[:, None, rows]
         total = total + (excess * positive).sum()
         count = count + positive.sum()
-    return total / count.clamp(min=1)
+    return total, count

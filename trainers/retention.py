@@ -4,8 +4,8 @@
 
 The teacher is the model itself under `gates_disabled` and no_grad, so no second copy of the weights exists.
 Only the gates train (LoRA adapters too with `train_lora`). The CE + KL part is summed over tokens and divided by
-the response-token count of the whole accumulated global batch; the capacity loss is a per-micro-batch mean,
-divided by the accumulation steps.
+the response-token count of the whole accumulated global batch; the capacity loss is a per-micro-batch mean over
+the positive terms of all ranks, divided by the accumulation steps.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
 from tokensieve.selectors.attention import attach_gates, attention_modules, collected_log_beta, gates_disabled
-from tokensieve.selectors.retention import capacity_loss
+from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 
@@ -92,7 +92,12 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
             quality = quality * self.accelerator.num_processes  # DDP averages gradients; the count spans ranks
 
         real = inputs.get("attention_mask")  # padding neither counts as retained nor adds capacity terms
-        capacity = capacity_loss(log_beta, args.memory_size, args.global_budget, args.capacity_chunk_size, real)
+        total, count = capacity_terms(log_beta, args.memory_size, args.global_budget, args.capacity_chunk_size, real)
+        if self.accelerator.num_processes > 1:
+            # Divide by the positive terms of every rank: 2 ranks x batch b then equal 1 rank x batch 2b.
+            count = self.accelerator.reduce(count.detach().float(), "sum")
+            total = total * self.accelerator.num_processes  # DDP averages the gradients over ranks
+        capacity = total / count.clamp(min=1)
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         loss = quality + args.capacity_weight * capacity / steps
         self._record(mode, ce, kl, mask, capacity, log_beta.detach(), real)
