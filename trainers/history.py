@@ -48,6 +48,16 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return twin.eval().requires_grad_(False)
 
 
+def start_model_source(model: nn.Module) -> str:
+    """Where `model`'s starting weights can be loaded from again (a local folder or hub name), or a ModelError."""
+    source = getattr(model.config, "_name_or_path", "") or ""
+    if not source:
+        raise ModelError("history/reference model 'base' with full fine-tuning under DeepSpeed ZeRO-3 reloads the "
+                         "starting weights, but this model was built from scratch in memory; save it first and load "
+                         "it by path, use LoRA (the base is then the adapter-disabled model), or use ZeRO-2")
+    return source
+
+
 def load_reference_model(name_or_path: str, like: nn.Module, trust_remote_code: bool = False) -> nn.Module:
     """A reference model from a hub name or a local folder, frozen, with the dtype and device of `like`."""
     from transformers import AutoModelForCausalLM

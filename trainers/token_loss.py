@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
+from trl.models.utils import prepare_deepspeed
 
+from tokensieve.errors import TrainingError
 from tokensieve.selectors.token_scores import (
     attention_to_prompt,
     capture_attention_inputs,
@@ -39,7 +42,13 @@ from tokensieve.selectors.token_scores import (
     top_k_per_row,
 )
 from tokensieve.trainers.guards import FiniteLossMixin
-from tokensieve.trainers.history import ParameterEma, frozen_copy, load_reference_model, token_logprobs
+from tokensieve.trainers.history import (
+    ParameterEma,
+    frozen_copy,
+    load_reference_model,
+    start_model_source,
+    token_logprobs,
+)
 from tokensieve.trainers.token_columns import (
     EXAMPLE_INDEX,
     TokenColumnCollator,
@@ -155,21 +164,34 @@ class TokenLossTrainer(FiniteLossMixin, SFTTrainer):
 
     def __init__(self, model, args: TokenLossConfig, *rest, **kwargs):
         self.ema = None
-        self.frozen = None  # a frozen copy of the start model, when "base" is needed and there is no LoRA to disable
+        self.frozen = None  # the start model (or a reference), when there is no LoRA adapter to disable
         needs_base = (args.token_scorer == "sstoken" and args.history_model == "base") or (
             args.token_scorer in ("rho1", "prior") and args.reference_model == "base")
         is_peft = hasattr(model, "disable_adapter")
+        zero3 = is_deepspeed_zero3_enabled()
+        reference = args.reference_model if args.token_scorer in ("rho1", "prior") and args.reference_model != "base" \
+            else None
+        if zero3 and args.token_scorer == "sstoken" and args.history_model == "ema":
+            raise TrainingError("history_model 'ema' is not supported under DeepSpeed ZeRO-3 (the EMA would need the "
+                                "partitioned parameters gathered every step); use 'base' or 'offline', or ZeRO-2")
         if needs_base and not is_peft:
-            self.frozen = frozen_copy(model)
+            if zero3:
+                # deepcopy cannot copy partitioned parameters: reload the start model, partitioned like the trainee.
+                reference = start_model_source(model)
+            else:
+                self.frozen = frozen_copy(model)  # one more full copy of the weights (say so in the docs)
         super().__init__(model, args, *rest, **kwargs)
         self.data_collator = TokenColumnCollator(self.data_collator, args.token_columns(),
                                                  self.processing_class.pad_token_id, args.uses_reference_prompt)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.frozen is not None:
-            self.frozen.to(self.args.device)
-        if args.token_scorer in ("rho1", "prior") and args.reference_model != "base":
+        if reference is not None:
             trust = bool((args.model_init_kwargs or {}).get("trust_remote_code", False))
-            self.frozen = load_reference_model(args.reference_model, unwrapped, trust_remote_code=trust)
+            self.frozen = load_reference_model(reference, unwrapped, trust_remote_code=trust)
+        if self.frozen is not None:
+            if self.is_deepspeed_enabled:  # ZeRO-3 partitions it like the trainee; lower stages replicate it
+                self.frozen = prepare_deepspeed(self.frozen, self.accelerator)
+            else:
+                self.frozen.to(self.args.device)
         if args.token_scorer == "sstoken" and args.history_model == "ema":
             self.ema = ParameterEma(unwrapped, args.ema_alpha, args.ema_update_interval)
             self.add_callback(_HistoryUpdate(self))
