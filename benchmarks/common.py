@@ -36,26 +36,10 @@ def environment_lines(env: dict) -> list[str]:
 
 def run_recipe(recipe: str, overrides: list[str], callbacks=()):
     """Train as `recipe` (relative to the repository) says, with overrides, in this process; extra callbacks."""
-    from tokensieve.launch import methods
     from tokensieve.launch.recipe import load_recipe
     from tokensieve.launch.run import run_training
 
-    parsed = load_recipe(REPO / recipe, overrides)
-    if callbacks:
-        original = methods.METHODS[parsed.method]
-
-        def build(**kwargs):
-            trainer = original.build_trainer(**kwargs)
-            for callback in callbacks:
-                trainer.add_callback(callback)
-            return trainer
-
-        methods.METHODS[parsed.method] = methods.Method(original.config_class, build)
-        try:
-            return run_training(parsed)
-        finally:
-            methods.METHODS[parsed.method] = original
-    return run_training(parsed)
+    return run_training(load_recipe(REPO / recipe, overrides), callbacks)
 
 
 def step_timer():

@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
+
 TRAIN = REPO / "data/tasks/noisy-sft/train.jsonl"
 TEST = REPO / "data/tasks/noisy-sft/test.jsonl"
 METHODS = {
@@ -44,27 +44,6 @@ METHODS = {
     "prior": ("recipes/tiny/prior.yaml", ["--reference_model", "{reference}"]),
     "sstoken": ("recipes/tiny/sstoken.yaml", []),
 }
-
-
-def environment(args) -> dict:
-    import torch
-    import transformers
-    import trl
-
-    return {
-        "command": " ".join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}",
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-def run_recipe(recipe: str, overrides: list[str]):
-    from tokensieve.launch.recipe import load_recipe
-    from tokensieve.launch.run import run_training
-
-    return run_training(load_recipe(REPO / recipe, overrides))
 
 
 def common_overrides(model: str, out: Path, steps: int, seed: int) -> list[str]:
@@ -111,7 +90,7 @@ def quality(args) -> None:
     if not (reference / "config.json").exists():  # the base fine-tuned on clean data: Rho-1's and PRIOR's reference
         run_recipe("recipes/tiny/sstoken.yaml", common_overrides(base, reference, args.reference_steps, 0) + [
             "--token_scorer", "none", "--data.datasets.0.path", str(clean / "train.jsonl")])
-    results = {"environment": environment(args), "base": base, "reference": str(reference), "steps": args.steps,
+    results = {"environment": environment(), "base": base, "reference": str(reference), "steps": args.steps,
                "seeds": args.seeds, "test_examples": args.test_examples, "runs": {}}
     results["reference_exact_match"] = exact_match(reference, args.test_examples)
     for method in args.methods:
@@ -134,16 +113,9 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def write_quality_report(out: Path, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    env = results["environment"]
+    plt = pyplot()
     lines = [
-        "# Token selection on noisy-sft: clean-test exact match", "",
-        f"Command: `{env['command']}`  ",
-        f"Machine: {env['machine']}; torch threads {env['torch_threads']}; versions {env['versions']}  ",
+        "# Token selection on noisy-sft: clean-test exact match", "", *environment_lines(results["environment"]),
         f"Base: `{results['base']}`; {results['steps']} steps per run; seeds {results['seeds']}; "
         f"{results['test_examples'] or 'all'} test examples; reference (clean SFT) exact match "
         f"{results['reference_exact_match']:.3f}", "",
@@ -179,33 +151,13 @@ def overhead_worker(args) -> None:
     """One variant in this process: time the steady-state steps, report peak RSS (JSON on stdout's last line)."""
     import resource
 
-    from transformers import TrainerCallback
-
-    times = []
-
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, *a, **k):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *a, **k):
-            times.append(time.perf_counter() - self.start)
-
-    from tokensieve.launch import methods
-
-    build = methods.METHODS["token_loss"].build_trainer
-
-    def build_with_timer(**kwargs):
-        trainer = build(**kwargs)
-        trainer.add_callback(StepTimer())
-        return trainer
-
-    methods.METHODS["token_loss"] = methods.Method(methods.METHODS["token_loss"].config_class, build_with_timer)
+    timer = step_timer()
     overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + [
         "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear",
         "--data.datasets.0.path", args.data, "--per_device_train_batch_size", "16", "--max_length", "256",
     ] + OVERHEAD_VARIANTS[args.variant]
-    run_recipe("recipes/tiny/sstoken.yaml", overrides)
-    steady = times[5:]
+    run_recipe("recipes/tiny/sstoken.yaml", overrides, [timer])
+    steady = timer.times[5:]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.variant, "median_step_s": statistics.median(steady), "steps": len(steady),
                       "peak_rss_mib": peak_mib}))
@@ -253,10 +205,8 @@ def overhead(args) -> None:
         mem = statistics.median(s["peak_rss_mib"] for s in runs)
         rows.append({"variant": variant, "median_step_s": step, "time_ratio": step / base_time,
                      "peak_rss_mib": mem, "memory_ratio": mem / base_mem})
-    env = environment(args)
-    lines = ["# ssToken overhead vs plain SFT (same LoRA model, same batches)", "",
-             f"Command: `{env['command']}`  ", f"Machine: {env['machine']}; torch threads {env['torch_threads']}; "
-             f"versions {env['versions']}  ",
+    env = environment()
+    lines = ["# ssToken overhead vs plain SFT (same LoRA model, same batches)", "", *environment_lines(env),
              f"Base `{base}` + LoRA r16 on all linear layers; batch 16; {args.steps} steps per run (first 5 dropped); "
              f"{args.repeats} alternating repeats; peak memory = peak resident set size of the process (CPU).", "",
              "| variant | median step (s) | step time / SFT | peak RSS (MiB) | memory / SFT |", "|---|---|---|---|---|"]
@@ -265,11 +215,7 @@ def overhead(args) -> None:
                      f"| {r['memory_ratio']:.2f}x |")
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({"environment": env, "rows": rows, "samples": samples}, indent=2))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar([r["variant"] for r in rows], [r["time_ratio"] for r in rows], color="#dd8452")
     axis.axhline(1.0, color="black", linewidth=0.8)

@@ -138,17 +138,30 @@ def load_gates(model, path):
     return model
 
 
-def _merge_adapter(model, path: Path, base: str):
-    """Merge the LoRA adapter saved in `path` (if any) into `model`; a mismatch is a ModelError."""
-    if not (path / "adapter_config.json").is_file():
-        return model
-    from peft import PeftModel
+def _load_export_base(path: Path, config: dict, config_file: str, base_model: str | None, dtype,
+                      trust_remote_code: bool):
+    """(model with the export's LoRA adapter merged, tokenizer, base name) for an export folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    base = base_model or config.get("base_model_name_or_path")
+    if not base:
+        raise ModelError(f"{path / config_file}: no base_model_name_or_path; pass base_model")
+    revision = config.get("base_model_revision") if not base_model else None
     try:
-        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    except (RuntimeError, ValueError, KeyError) as error:
-        raise ModelError(f"{path}: the LoRA adapter does not fit the base model {base!r}: "
-                         f"{' '.join(str(error).split())[:300]}") from None
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     revision=revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ModelError(f"{path}: the LoRA adapter does not fit the base model {base!r}: "
+                             f"{' '.join(str(error).split())[:300]}") from None
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base
+    return model, AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
 
 
 def load_retention_model(path, base_model: str | None = None, dtype=None, device=None,
@@ -158,22 +171,10 @@ def load_retention_model(path, base_model: str | None = None, dtype=None, device
     Loads the base model named in gates.json (or `base_model`), the LoRA adapter in `path` if there is one
     (merged), the gates, and the tokenizer (from `path` if saved there, else from the base). Returns (model, tokenizer).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(path)
     config = read_gates_config(path)
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"{path / GATES_CONFIG}: no base_model_name_or_path; pass base_model")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     revision=config.get("base_model_revision") if not base_model else None)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
-    model = _merge_adapter(model, path, base)
+    model, tokenizer = _load_export_base(path, config, GATES_CONFIG, base_model, dtype, trust_remote_code)
     load_gates(model, path)
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     if device is not None:
         model = model.to(device)
     return model.eval(), tokenizer
@@ -182,30 +183,24 @@ def load_retention_model(path, base_model: str | None = None, dtype=None, device
 def load_selector_pipeline(path, base_model: str | None = None, dtype=None, device=None,
                            trust_remote_code: bool = False):
     """One call from a query-selector export to a ready SelectorPipeline (base + merged LoRA + selector + tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tokensieve.selectors.query_selector import QuerySelector
-    from tokensieve.trainers.query_selector import attach_selector, load_selector_weights, read_selector_config
+    from tokensieve.trainers.query_selector import (
+        SELECTOR_CONFIG,
+        attach_selector,
+        load_selector_weights,
+        read_selector_config,
+    )
     from tokensieve.trainers.selector_lm import SelectorPipeline
 
     path = Path(path)
     config = read_selector_config(path)
-    base = base_model or config.get("base_model_name_or_path")
-    if not base:
-        raise ModelError(f"{path}: selector.json names no base model; pass base_model")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
+    model, tokenizer = _load_export_base(path, config, SELECTOR_CONFIG, base_model, dtype, trust_remote_code)
     if model.config.model_type != config.get("architecture"):
         raise ModelError(f"{path}: selector trained for {config.get('architecture')!r}, base is "
                          f"{model.config.model_type!r}")
-    model = _merge_adapter(model, path, base)
     selector = QuerySelector(**config["selector"])
     load_selector_weights(selector, path)
     attach_selector(model, selector)
     if device is not None:
         model = model.to(device)
-    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
     return SelectorPipeline(model, tokenizer, selector, config["feature_layer"], config["query_separator"])

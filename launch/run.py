@@ -43,9 +43,10 @@ def resolve_checkpoint(training) -> str | None:
     return value
 
 
-def run_training(recipe: Recipe):
+def run_training(recipe: Recipe, callbacks=()):
     """Train as `recipe` says, in the current process (or as one rank of an accelerate launch).
 
+    `callbacks`: extra TrainerCallbacks (benchmarks time steps with one).
     Saves the final model (or LoRA adapter) and the tokenizer to training.output_dir and returns the
     trainer's TrainOutput (global_step, training_loss, metrics).
     """
@@ -83,6 +84,8 @@ def run_training(recipe: Recipe):
     trainer = METHODS[recipe.method].build_trainer(
         model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer
     )
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.raw, sort_keys=False), encoding="utf-8")

@@ -96,3 +96,18 @@ def _overrides(data_dir: Path, output_dir: Path, steps: int) -> list[str]:
         "--save_strategy", "no",
         "--per_device_train_batch_size", "4",
     ]
+
+
+def save_tiny_base(folder: Path, tokenizer) -> Path:
+    """Save a tiny Qwen3 (hidden 32, 2 layers) with `tokenizer` to `folder`: a local base for recipe runs."""
+    import torch
+
+    from tokensieve.launch.model import FromScratchArguments, build_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    spec = FromScratchArguments(architecture="qwen3", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                num_key_value_heads=1, intermediate_size=64)
+    AutoModelForCausalLM.from_config(build_config(spec, tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -9,8 +9,15 @@ from tokensieve.data.synthetic import make_task
 from tokensieve.launch.evaluate import evaluate_files
 from tokensieve.launch.launcher import launch
 
-# The training sizes of recipes/base/tiny_recall.sh.
-TRAIN_ROWS = {"induction": 22400, "mqar": 9600, "needle-qa": 16000}
+# The training data of recipes/base/tiny_recall.sh: the warm-up stages (folder, seed, induction options) in order.
+CURRICULUM = [
+    ("induction-4-12", 1, {"min_words": 4, "max_words": 12}),
+    ("induction-8-24", 2, {"min_words": 8, "max_words": 24}),
+    ("induction-16-48", 3, {"min_words": 16, "max_words": 48}),
+    ("induction-16-64", 4, {}),
+]
+WARMUP_ROWS = 4800
+RECALL_ROWS = {"mqar": 6400, "needle-qa": 6400}
 
 
 @pytest.mark.slow
@@ -21,11 +28,14 @@ TRAIN_ROWS = {"induction": 22400, "mqar": 9600, "needle-qa": 16000}
 )
 def test_tiny_recall_base_reaches_95_percent_exact_match(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(repo_root)
-    for task, n in TRAIN_ROWS.items():
+    overrides = []
+    for index, (name, seed, options) in enumerate(CURRICULUM):
+        make_task("induction", tmp_path / "data" / name, n=WARMUP_ROWS, seed=seed, **options)
+        overrides += [f"--data.curriculum.{index}.path", str(tmp_path / "data" / name / "train.jsonl")]
+    for task, n in RECALL_ROWS.items():
         make_task(task, tmp_path / "data" / task, n=n)
     out = tmp_path / "base"
-    overrides = [
-        "--data.curriculum.0.path", str(tmp_path / "data/induction/train.jsonl"),
+    overrides += [
         "--data.datasets.0.path", str(tmp_path / "data/mqar/train.jsonl"),
         "--data.datasets.1.path", str(tmp_path / "data/needle-qa/train.jsonl"),
         "--training.output_dir", str(out), "--report_to", "none",

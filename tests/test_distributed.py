@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from tokensieve.launch.model import FromScratchArguments, build_config
+from conftest import save_tiny_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -32,12 +30,7 @@ PROFILES = ["cpu-ddp", "cpu-zero2", "cpu-zero3"]
 def setup(tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("dist")
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config(
-        FromScratchArguments(architecture="qwen3", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=64), tiny_tokenizer))
-    model.save_pretrained(folder / "base")
-    tiny_tokenizer.save_pretrained(folder / "base")
+    save_tiny_base(folder / "base", tiny_tokenizer)
     return folder, {}
 
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
+from conftest import save_tiny_base
 from tokensieve.launch.cli import main
-from tokensieve.launch.model import FromScratchArguments, build_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STEPS, SAVE = 16, 4
@@ -28,12 +27,7 @@ def setup(tmp_path_factory, tiny_tokenizer):
     folder = tmp_path_factory.mktemp("resume")
     data = folder / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config(
-        FromScratchArguments(architecture="qwen3", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                             num_key_value_heads=1, intermediate_size=64), tiny_tokenizer))
-    model.save_pretrained(folder / "base")
-    tiny_tokenizer.save_pretrained(folder / "base")
+    save_tiny_base(folder / "base", tiny_tokenizer)
     return folder, data
 
 
