@@ -5,7 +5,6 @@ from pathlib import Path
 
 import yaml
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from tokensieve.data.formats import detect_format, is_conversational
 from tokensieve.data.loading import load_splits
@@ -31,13 +30,27 @@ def dataset_texts(dataset):
                         yield message["content"]
 
 
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder that was written to the end (its trainer_state.json is written last).
+
+    A run killed while saving leaves a partial folder; resuming from it would fail, so it is skipped (and later
+    overwritten when training saves that step again).
+    """
+    complete = [p for p in Path(output_dir).glob("checkpoint-*")
+                if p.name.split("-", 1)[1].isdigit() and (p / "trainer_state.json").is_file()]
+    for path in Path(output_dir).glob("checkpoint-*"):
+        if path.is_dir() and path not in complete:
+            print(f"[tokensieve] skipping {path}: not written to the end (no trainer_state.json)", flush=True)
+    return str(max(complete, key=lambda p: int(p.name.split("-", 1)[1]))) if complete else None
+
+
 def resolve_checkpoint(training) -> str | None:
-    """The checkpoint to resume from: "auto" means the last one in output_dir (None when there is none)."""
+    """The checkpoint to resume from: "auto" means the last complete one in output_dir (None when there is none)."""
     value = training.resume_from_checkpoint
     if value in (None, ""):
         return None
     if value == "auto":
-        return get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
+        return last_complete_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
     if not os.path.isdir(value):
         raise ModelError(f"training.resume_from_checkpoint: checkpoint folder not found: {value}")
     return value

@@ -94,3 +94,16 @@ def test_resume_from_missing_folder_is_exit_2(tiny_run_overrides, tmp_path, caps
 @pytest.fixture(autouse=True)
 def _repo_cwd(monkeypatch):
     monkeypatch.chdir(REPO_ROOT)  # recipes and profiles are named relative to the repository root
+
+
+def test_resume_skips_a_checkpoint_that_was_not_written_to_the_end(tmp_path):
+    from tokensieve.launch.run import last_complete_checkpoint
+
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x")
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    assert last_complete_checkpoint(str(tmp_path / "checkpoint-6")) is None
