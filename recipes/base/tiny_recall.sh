@@ -11,8 +11,8 @@ tokensieve data make induction --out outputs/data/induction-4-12 --n 4800 --seed
 tokensieve data make induction --out outputs/data/induction-8-24 --n 4800 --seed 2 --min_words 8 --max_words 24 >/dev/null
 tokensieve data make induction --out outputs/data/induction-16-48 --n 4800 --seed 3 --min_words 16 --max_words 48 >/dev/null
 tokensieve data make induction --out outputs/data/induction-16-64 --n 4800 --seed 4 >/dev/null
-tokensieve data make mqar --out outputs/data/mqar --n 6400 >/dev/null
-tokensieve data make needle-qa --out outputs/data/needle-qa --n 6400 >/dev/null
+tokensieve data make mqar --out outputs/data/mqar --n 12800 >/dev/null
+tokensieve data make needle-qa --out outputs/data/needle-qa --n 12800 >/dev/null
 tokensieve train recipes/base/tiny_recall.yaml "$@"
 trained=$(date +%s)
 tokensieve eval outputs/base/tiny_recall --data data/tasks/mqar/test.jsonl --data data/tasks/needle-qa/test.jsonl \
