@@ -18,6 +18,14 @@ from torch import nn
 from tokensieve.selectors.topn import hard_top_n, solve_threshold, straight_through_mask
 
 
+def standardize(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(r - mean) / std over each row's valid entries; 0 on padding."""
+    count = mask.sum(-1, keepdim=True).clamp(min=1)
+    mean = (scores * mask).sum(-1, keepdim=True) / count
+    var = (((scores - mean) * mask) ** 2).sum(-1, keepdim=True) / count
+    return ((scores - mean) / (var.sqrt() + 1e-6)).masked_fill(~mask, 0.0)
+
+
 @dataclass
 class Selection:
     """What a selector decided for a batch."""
@@ -104,8 +112,11 @@ class QuerySelector(nn.Module):
         if self.n_max is not None:
             target = target.clamp(max=self.n_max)
         if self.training:
-            threshold = solve_threshold(scores, target, self.tau, mask=candidate_mask)
-            keep = straight_through_mask(scores, threshold, self.tau, self.gumbel, candidate_mask)
+            # r is a probability with a row-dependent spread (often all < 0.05): the threshold is solved on the
+            # row-standardised scores, so tau means the same sharpness in every row (same order, same top-n).
+            standard = standardize(scores, candidate_mask)
+            threshold = solve_threshold(standard, target, self.tau, mask=candidate_mask)
+            keep = straight_through_mask(standard, threshold, self.tau, self.gumbel, candidate_mask)
             with torch.no_grad():
                 self.rho_running_mean.lerp_(rho.detach().mean(), 1 - self.momentum)
             count = keep.detach().sum(-1)
