@@ -154,7 +154,8 @@ def overhead_worker(args) -> None:
     timer = step_timer()
     overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + [
         "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear",
-        "--data.datasets.0.path", args.data, "--per_device_train_batch_size", "16", "--max_length", "256",
+        "--data.datasets.0.path", args.data, "--data.eval_datasets", "[]", "--per_device_train_batch_size", "16",
+        "--max_length", "256",
     ] + OVERHEAD_VARIANTS[args.variant]
     run_recipe("recipes/tiny/sstoken.yaml", overrides, [timer])
     steady = timer.times[5:]
