@@ -125,7 +125,7 @@ def _parse_options(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; later commands (curate, generate, bench, quickstart) add a subparser here."""
+    """The argument parser; later commands (bench, quickstart) add a subparser here."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser = argparse.ArgumentParser(prog="tokensieve", parents=[debug], description="Learned token selection.")
