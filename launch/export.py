@@ -25,7 +25,8 @@ GATES_CONFIG = "gates.json"
 FORMAT = "tokensieve-retention-gates"
 
 
-def _replace_atomically(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
+    """Call write(temporary path) next to `path`, then rename it to `path`; no partial file is left on failure."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
@@ -75,8 +76,8 @@ def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: i
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     config = gates_config(model, memory_size, buffer_size)
-    _replace_atomically(folder / GATES_FILE, lambda p: save_file(gate_state(model), str(p), metadata={"format": FORMAT}))
-    _replace_atomically(folder / GATES_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    replace_atomically(folder / GATES_FILE, lambda p: save_file(gate_state(model), str(p), metadata={"format": FORMAT}))
+    replace_atomically(folder / GATES_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 

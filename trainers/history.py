@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from contextlib import contextmanager
 
 import torch
@@ -117,10 +118,11 @@ class ParameterEma:
 
     def save(self, folder: str) -> None:
         """Write the EMA state into a checkpoint folder (temporary name, then rename)."""
-        path = os.path.join(folder, EMA_FILE)
-        save_file({n: t.contiguous() for n, t in self.shadow.items()}, path + ".tmp",
-                  metadata={"updated_at": str(self.updated_at), "alpha": str(self.alpha)})
-        os.replace(path + ".tmp", path)
+        from tokensieve.launch.export import replace_atomically
+
+        state = {n: t.contiguous() for n, t in self.shadow.items()}
+        metadata = {"updated_at": str(self.updated_at), "alpha": str(self.alpha)}
+        replace_atomically(Path(folder) / EMA_FILE, lambda p: save_file(state, str(p), metadata=metadata))
 
     def load(self, folder: str) -> bool:
         """Read the EMA state of a checkpoint folder; False when it has none (a run started without EMA)."""

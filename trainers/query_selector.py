@@ -224,11 +224,10 @@ def save_selector(model, output_dir, args: QuerySelectorConfig) -> Path:
               "base_model_name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
               "base_model_revision": getattr(base.config, "_commit_hash", None)}
     state = {k: v.detach().cpu().contiguous() for k, v in base.query_selector.state_dict().items()}
-    for file, write in ((SELECTOR_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT})),
-                        (SELECTOR_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))):
-        tmp = folder / f".{file}.tmp-{os.getpid()}"
-        write(tmp)
-        os.replace(tmp, folder / file)
+    from tokensieve.launch.export import replace_atomically
+
+    replace_atomically(folder / SELECTOR_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
+    replace_atomically(folder / SELECTOR_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
     return folder
 
 
