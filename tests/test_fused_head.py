@@ -7,7 +7,6 @@ import torch
 import trl.trainer.utils
 from trl.trainer.utils import add_fused_lm_head
 
-
 from tokensieve.trainers import fused_head
 
 
