@@ -1,4 +1,4 @@
-"""The `tokensieve` command line: train, curate, generate, eval, data make, data check.
+"""The `tokensieve` command line: train, curate, generate, eval, quickstart, data make, data check.
 
 User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
 traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
@@ -90,10 +90,23 @@ def _generate_with_selector(args, prompts: list[str]) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from tokensieve.launch.evaluate import evaluate_files
+    from tokensieve.launch.evaluate import evaluate_files, evaluate_selector_files
 
+    if args.selector:
+        evaluate_selector_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
+                                keep=args.keep, keep_ratio=args.keep_ratio, output=args.output)
+        return 0
     evaluate_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens, output=args.output)
+                   max_new_tokens=args.max_new_tokens, output=args.output, memory_size=args.memory_size,
+                   buffer_size=args.buffer_size, policy=args.policy)
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from tokensieve.launch.quickstart import run_quickstart
+
+    run_quickstart(args.out, base=args.base, steps_scale=args.steps_scale, test_rows=args.test_rows,
+                   resume=args.resume, lora=args.lora)
     return 0
 
 
@@ -125,7 +138,7 @@ def _parse_options(tokens: list[str]) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; later commands (bench, quickstart) add a subparser here."""
+    """The argument parser; later commands (bench) add a subparser here."""
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
     parser = argparse.ArgumentParser(prog="tokensieve", parents=[debug], description="Learned token selection.")
@@ -182,7 +195,34 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=None,
                           help="tokens to generate (default: the longest answer of the batch + 1)")
     evaluate.add_argument("--output", default=None, help="write the results as JSON here")
+    evaluate.add_argument("--memory-size", type=int, default=None, help="generate from a bounded KV cache of this "
+                          "many tokens per layer and kv head (default for a gates export: its own)")
+    evaluate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
+    evaluate.add_argument("--policy", default="gates", help="eviction policy: gates, streaming, h2o, snapkv, knorm "
+                          "or random")
+    evaluate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: answer from "
+                          "the context tokens it keeps (prompts are cut at the query separator)")
+    evaluate.add_argument("--keep", type=int, default=None, help="with --selector: keep exactly N context tokens")
+    evaluate.add_argument("--keep-ratio", type=float, default=None, help="with --selector: keep this share "
+                          "(default: the selector's learned budget)")
     evaluate.set_defaults(handler=_cmd_eval)
+
+    quickstart = commands.add_parser(
+        "quickstart", parents=[debug], help="the whole mission on the tiny synthetic tasks, offline, one table",
+        description="Make the synthetic tasks, train the tiny recall base, run plain SFT, Rho-1, PRIOR, ssToken, "
+        "token curation, TRIM-KV gates and the query selector (short runs, W&B offline), reload every export in a "
+        "fresh process, evaluate it and print one results table (also written to OUT/results.md and results.json).",
+    )
+    quickstart.add_argument("--out", default="outputs/quickstart", help="output folder (one subfolder per stage)")
+    quickstart.add_argument("--base", default=None, help="a trained base model folder: skip training the base")
+    quickstart.add_argument("--steps-scale", type=float, default=1.0, help="multiply the method stages' training "
+                            "steps (the base trains as its recipe says); 1 is the default run")
+    quickstart.add_argument("--test-rows", type=int, default=200, help="test examples per task in the evaluations")
+    quickstart.add_argument("--resume", action="store_true", help="keep the stages a previous run in --out "
+                            "finished (stage.json written) and run only the rest")
+    quickstart.add_argument("--lora", action="store_true", help="token-selection stages train LoRA adapters "
+                            "(r16) instead of every weight")
+    quickstart.set_defaults(handler=_cmd_quickstart)
 
     data = commands.add_parser("data", parents=[debug], help="make or check datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")

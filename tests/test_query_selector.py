@@ -211,3 +211,11 @@ def test_recipe_and_generate_cli(tiny_tokenizer, tmp_path, repo_root, capsys):
     assert "[kept 3 of" in capsys.readouterr().err
     assert main(["generate", str(out), "--selector", "--prompt", "no separator here"]) == 2
     assert "separator" in capsys.readouterr().err
+    # tokensieve eval --selector: exact match of answers from the kept context tokens, and the kept share
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--selector", "--data", str(data), "--keep", "3", "--output", str(result)]) == 0
+    scores = json.loads(result.read_text())["results"][str(data)]
+    assert scores["examples"] == 32 and 0 <= scores["exact_match"] <= 1
+    assert scores["kept_share"] == pytest.approx(sum(3 / len(tiny_tokenizer(r["prompt"][:r["prompt"].rfind(" ?")],
+                                                                         add_special_tokens=False)["input_ids"])
+                                                     for r in rows()) / 32)

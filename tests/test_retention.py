@@ -230,3 +230,14 @@ def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, r
     assert "tokens seen" in captured.err and "kept per layer" in captured.err
     assert main(["generate", str(base), "--prompt", "x", "--policy", "gates"]) == 2
     assert "needs a retention-gate export" in capsys.readouterr().err
+    # tokensieve eval on a gates export generates from a bounded cache (the export's M unless --memory-size)
+    result = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--data", str(data), "--max-examples", "8", "--output", str(result)]) == 0
+    scores = json.loads(result.read_text())["results"][str(data)]
+    assert scores["examples"] == 8
+    assert (scores["memory_size"], scores["buffer_size"], scores["policy"]) == (32, 8, "gates")
+    assert main(["eval", str(base), "--data", str(data), "--memory-size", "4", "--policy", "streaming",
+                 "--output", str(result)]) == 0
+    assert json.loads(result.read_text())["results"][str(data)]["memory_size"] == 4
+    assert main(["eval", str(base), "--data", str(data), "--memory-size", "4"]) == 2
+    assert "needs a retention-gate export" in capsys.readouterr().err
