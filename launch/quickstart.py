@@ -64,7 +64,8 @@ STAGES = ("data", "base", *TRAINING, "reload")
 
 
 def script_commands(path: Path) -> list[list[str]]:
-    """The `tokensieve ...` command lines of a shell script, as argument lists (without the word `tokensieve`).
+    """The `tokensieve data make` and `tokensieve train` lines of a shell script, as argument lists (without the
+    word `tokensieve`); other lines (e.g. its evaluation) are left out: the quickstart evaluates by itself.
 
     Output redirections and "$@" (the script's own arguments) are dropped; any other shell expansion is an error,
     since the quickstart runs these commands itself rather than through a shell.
@@ -73,7 +74,7 @@ def script_commands(path: Path) -> list[list[str]]:
     commands = []
     for line in text.splitlines():
         tokens = shlex.split(line, comments=True)
-        if not tokens or tokens[0] != "tokensieve":
+        if tokens[:3] != ["tokensieve", "data", "make"] and tokens[:2] != ["tokensieve", "train"]:
             continue
         tokens = [t for t in tokens[1:] if t != "$@" and not t.startswith((">", "2>", "&>"))]
         if any("$" in t for t in tokens):

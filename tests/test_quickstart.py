@@ -40,7 +40,7 @@ def test_script_commands_reject_shell_variables(tmp_path):
     with pytest.raises(TokensieveError, match="expands a variable"):
         script_commands(script)
     script.write_text('# tokensieve data make x\ntokensieve data make mqar \\\n  --out a --n 4 >/dev/null\n'
-                      'tokensieve train r.yaml "$@"\necho done\n')
+                      'tokensieve train r.yaml "$@"\ntokensieve eval "$out" --data x\necho done\n')
     assert script_commands(script) == [["data", "make", "mqar", "--out", "a", "--n", "4"], ["train", "r.yaml"]]
 
 
