@@ -11,21 +11,20 @@ from tokensieve.launch.launcher import launch
 
 # The training data of recipes/base/tiny_recall.sh: the warm-up stages (folder, seed, induction options) in order.
 CURRICULUM = [
-    ("induction-4-12", 1, {"min_words": 4, "max_words": 12}),
-    ("induction-8-24", 2, {"min_words": 8, "max_words": 24}),
-    ("induction-16-48", 3, {"min_words": 16, "max_words": 48}),
-    ("induction-16-64", 4, {}),
+    ("induction-4-12", 1, 4800, {"min_words": 4, "max_words": 12}),
+    ("induction-8-24", 2, 4800, {"min_words": 8, "max_words": 24}),
+    ("induction-16-48", 3, 3200, {"min_words": 16, "max_words": 48}),
+    ("induction-16-64", 4, 3200, {}),
 ]
-WARMUP_ROWS = 4800
-RECALL_ROWS = {"mqar": 12800, "needle-qa": 12800}
+RECALL_ROWS = {"mqar": 8000, "needle-qa": 8000}
 
 
 @pytest.mark.slow
 def test_tiny_recall_base_reaches_95_percent_exact_match(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(repo_root)
     overrides = []
-    for index, (name, seed, options) in enumerate(CURRICULUM):
-        make_task("induction", tmp_path / "data" / name, n=WARMUP_ROWS, seed=seed, **options)
+    for index, (name, seed, rows, options) in enumerate(CURRICULUM):
+        make_task("induction", tmp_path / "data" / name, n=rows, seed=seed, **options)
         overrides += [f"--data.curriculum.{index}.path", str(tmp_path / "data" / name / "train.jsonl")]
     for task, n in RECALL_ROWS.items():
         make_task(task, tmp_path / "data" / task, n=n)
