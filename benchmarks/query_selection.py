@@ -26,6 +26,7 @@ from common import REPO, environment, environment_lines, pyplot, run_recipe
 
 TEST = REPO / "data/tasks/needle-qa/test.jsonl"
 BASELINES = ["promptdistill", "first", "last", "random"]
+RECIPE_STEPS = 300  # max_steps of recipes/tiny/query_selector.yaml
 
 
 def train(base: str, folder: Path, steps: int | None, extra: list[str]) -> Path:
@@ -67,8 +68,10 @@ def accuracy(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     learned = Path(args.learned) if args.learned else train(args.base, out / "selector-learned", args.train_steps, [])
-    fixed = Path(args.fixed) if args.fixed else train(args.base, out / "selector-fixed", args.train_steps,
-                                                      ["--fixed_keep_ratio", "0.1"])
+    # The fixed-budget selector starts at 50% and anneals to 10% (by default over the first half of its steps).
+    anneal_steps = args.anneal_steps if args.anneal_steps is not None else (args.train_steps or RECIPE_STEPS) // 2
+    anneal = ["--fixed_keep_ratio", "0.1", "--keep_ratio_start", "0.5", "--keep_ratio_anneal_steps", str(anneal_steps)]
+    fixed = Path(args.fixed) if args.fixed else train(args.base, out / "selector-fixed", args.train_steps, anneal)
     pipe_learned, pipe_fixed = load_selector_pipeline(learned), load_selector_pipeline(fixed)
     contexts, queries, answers = load_rows(args.test_examples, pipe_learned.query_separator)
     results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
@@ -177,6 +180,8 @@ def main() -> None:
     a.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.25])
     a.add_argument("--test-examples", type=int, default=None)
     a.add_argument("--fixed", default=None, help="a selector export trained at a fixed budget")
+    a.add_argument("--anneal-steps", type=int, default=None, help="steps over which the fixed-budget selector's "
+                   "share goes from 50%% to 10%% (default: half its steps)")
     p = commands.add_parser("prefill")
     p.add_argument("--ratio", type=float, default=0.1)
     p.add_argument("--batch-size", type=int, default=64)

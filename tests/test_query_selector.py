@@ -14,7 +14,8 @@ from tokensieve.errors import ModelError
 from tokensieve.launch.model import FromScratchArguments, build_config
 from tokensieve.selectors.query_selector import QuerySelector, position_scores, promptdistill_scores
 from tokensieve.selectors.topn import hard_top_n, solve_threshold, straight_through_mask
-from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer
+from tokensieve.selectors.keep_attention import KEEP_ATTENTION
+from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer, key_keep_vector
 from tokensieve.trainers.selector_lm import SelectorPipeline, lm_features, reduced_inputs
 
 
@@ -130,6 +131,45 @@ def test_lm_features_and_reduced_inputs_match_the_full_model(tiny_tokenizer, arc
     assert torch.allclose(reduced[0, : row.shape[1]], model(input_ids=row).logits[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("architecture", ["llama", "qwen3"])
+def test_keep_mask_attention_equals_removing_tokens_and_reaches_them(tiny_tokenizer, architecture):
+    model = fresh_model(tiny_tokenizer, architecture)
+    model.set_attn_implementation(KEEP_ATTENTION)
+    pipe = SelectorPipeline(model, tiny_tokenizer)
+    batch = pipe.encode(["record 1 : key k1 maps to v3 ; more words", "key k2 ;"], [" ? copy", " ? copy it"])
+    answer_ids = torch.tensor([tiny_tokenizer(" v3")["input_ids"] * 2, tiny_tokenizer(" k2")["input_ids"] * 2])
+    answer_mask = torch.ones_like(answer_ids)
+    context_mask = batch["context_mask"]
+    hard = torch.zeros(context_mask.shape)
+    hard[0, [0, 2, 3, 6]] = 1.0
+    hard[1, [1]] = 1.0
+    keep = hard.clone().requires_grad_(True)
+    args = (batch["query_ids"], batch["query_mask"], answer_ids, answer_mask)
+    dropped = reduced_inputs(model, batch["context_ids"], context_mask, hard.bool(), *args)
+    full = reduced_inputs(model, batch["context_ids"], context_mask, context_mask.bool(), *args)
+    full["key_keep"] = key_keep_vector(keep, context_mask, full["attention_mask"])
+    dropped_labels, full_labels = dropped.pop("labels"), full.pop("labels")
+    reference = model(**dropped).logits
+    masked = model(**full).logits
+    for b in range(2):  # the answer positions (labels) and the logits there agree
+        torch.testing.assert_close(masked[b][full_labels[b] != -100], reference[b][dropped_labels[b] != -100],
+                                   atol=1e-4, rtol=1e-4)
+    # Without key_keep the function is the model's own attention.
+    full.pop("key_keep")
+    model.set_attn_implementation("sdpa")
+    plain = model(**full).logits
+    model.set_attn_implementation(KEEP_ATTENTION)
+    torch.testing.assert_close(model(**full).logits, plain)
+    labels = full_labels[:, 1:]
+    full["key_keep"] = key_keep_vector(keep, context_mask, full["attention_mask"])
+    logits = model(**full).logits[:, :-1]
+    loss = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+    loss.backward()
+    real = context_mask.bool()
+    assert (keep.grad[real & ~hard.bool()] != 0).all()  # the removed tokens get a gradient
+    assert (keep.grad[~real] == 0).all()
+
+
 def rows(n=32):
     return [{"prompt": f"record {i} : key k{i % 5} maps to v{(i * 3) % 7} and filler words here ? copy k{i % 5}",
              "completion": f" v{(i * 3) % 7}"} for i in range(n)]
@@ -147,9 +187,9 @@ def train_selector(tokenizer, tmp_path, **kwargs):
     return trainer
 
 
-@pytest.mark.parametrize("fixed", [None, 0.25])
-def test_trainer_trains_only_the_selector(tiny_tokenizer, tmp_path, fixed):
-    trainer = train_selector(tiny_tokenizer, tmp_path, fixed_keep_ratio=fixed)
+@pytest.mark.parametrize("fixed, selection", [(None, "mask"), (0.25, "mask"), (0.25, "drop")])
+def test_trainer_trains_only_the_selector(tiny_tokenizer, tmp_path, fixed, selection):
+    trainer = train_selector(tiny_tokenizer, tmp_path, fixed_keep_ratio=fixed, training_selection=selection)
     after = dict(trainer.model.named_parameters())
     changed = {n for n, p in trainer.start.items() if not torch.equal(p, after[n])}
     assert changed and all("query_selector" in n for n in changed)

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import DataError, ModelError
+from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
@@ -48,10 +49,27 @@ class QuerySelectorConfig(SFTConfig):
     fixed_keep_ratio: float | None = field(
         default=None, metadata={"help": "Train for a fixed share of the context instead of the learned budget."}
     )
+    keep_ratio_start: float | None = field(
+        default=None, metadata={"help": "With fixed_keep_ratio: start training at this larger share and lower it "
+                                        "linearly to fixed_keep_ratio over keep_ratio_anneal_steps (a selector "
+                                        "trained at a small share from the start rarely keeps what helps)."}
+    )
+    keep_ratio_anneal_steps: int = field(default=0, metadata={"help": "Steps of the keep_ratio_start anneal."})
     lambda_t: float = field(default=1.0, metadata={"help": "Weight of (rho N)^2 / n_max^2."})
     lambda_m: float = field(default=1.7, metadata={"help": "Weight of rho N / n_max."})
     lambda_s: float = field(default=0.05, metadata={"help": "Weight of (rho - running mean)^2."})
     train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
+    answer_eos: bool = field(
+        default=False, metadata={"help": "Append EOS to each answer. Off by default: a frozen LM that does not end "
+                                         "its answers with EOS would add a loss no selection can lower."}
+    )
+    training_selection: str = field(
+        default="mask", metadata={"help": "How the LM sees the selection in training. mask: every context token "
+                                          "stays in the forward and attention weighs each key by its straight-"
+                                          "through keep value (the same forward as removing the dropped tokens, "
+                                          "but they get gradients too); drop: only the kept tokens go in (only "
+                                          "they get gradients). Inference always removes the dropped tokens."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,8 +80,13 @@ class QuerySelectorConfig(SFTConfig):
             (self.selector_tau > 0, "selector_tau", "> 0", self.selector_tau),
             (self.fixed_keep_ratio is None or 0 < self.fixed_keep_ratio <= 1, "fixed_keep_ratio", "in (0, 1]",
              self.fixed_keep_ratio),
+            (self.keep_ratio_start is None or (self.fixed_keep_ratio is not None and
+                                               self.fixed_keep_ratio <= self.keep_ratio_start <= 1),
+             "keep_ratio_start", "in [fixed_keep_ratio, 1] (and needs fixed_keep_ratio)", self.keep_ratio_start),
             (self.max_kept_tokens is None or self.max_kept_tokens >= 1, "max_kept_tokens", ">= 1", self.max_kept_tokens),
             (not self.packing, "packing", "false", self.packing),
+            (self.training_selection in ("mask", "drop"), "training_selection", "'mask' or 'drop'",
+             self.training_selection),
         ]
         for ok, name, expected, value in checks:
             if not ok:
@@ -81,8 +104,9 @@ def attach_selector(model, selector: QuerySelector) -> QuerySelector:
     return selector
 
 
-def encode_rows(dataset, tokenizer, separator: str, dataset_name: str):
-    """context_ids / query_ids / answer_ids (answer + EOS) from context/query/completion or prompt/completion."""
+def encode_rows(dataset, tokenizer, separator: str, dataset_name: str, answer_eos: bool = False):
+    """context_ids / query_ids / answer_ids (answer, + EOS if asked) from context/query/completion or
+    prompt/completion."""
     columns = dataset.column_names
     if "completion" not in columns or not ({"context", "query"} <= set(columns) or "prompt" in columns):
         raise DataError(f"{dataset_name} dataset: a query selector needs columns context, query and completion "
@@ -101,7 +125,7 @@ def encode_rows(dataset, tokenizer, separator: str, dataset_name: str):
                                     f"{error} (query_separator)") from None
             contexts.append(context)
             queries.append(query)
-        answers = [c + tokenizer.eos_token for c in batch["completion"]]
+        answers = [c + tokenizer.eos_token if answer_eos else c for c in batch["completion"]]
         encode_text = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
         return {"context_ids": encode_text(contexts), "query_ids": encode_text(queries),
                 "answer_ids": encode_text(answers)}
@@ -126,6 +150,15 @@ class SelectorCollator:
         return batch
 
 
+def key_keep_vector(keep: torch.Tensor, context_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, W] keep values for `reduced_inputs` rows that hold every context token (right-padded): the selector's
+    (straight-through) keep on the context, 1 on the query, the answer and padding (the attention mask hides it)."""
+    out = torch.ones(attention_mask.shape, dtype=keep.dtype, device=keep.device)
+    for b, length in enumerate(context_mask.sum(-1).tolist()):
+        out[b, :length] = keep[b, :length]
+    return out
+
+
 class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
     """Trains a QuerySelector in front of a frozen LM (see the module docstring)."""
 
@@ -138,11 +171,13 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
             attach_selector(model, QuerySelector(**args.selector_kwargs(base.config.get_text_config().hidden_size)))
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("query_selector" in name or (args.train_lora and "lora_" in name))
+        if args.training_selection == "mask":
+            model.set_attn_implementation(KEEP_ATTENTION)  # sdpa unless a forward passes `key_keep`
         super().__init__(model, args, *rest, **kwargs)
         self.data_collator = SelectorCollator(self.processing_class.pad_token_id)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        return encode_rows(dataset, processing_class, args.query_separator, dataset_name)
+        return encode_rows(dataset, processing_class, args.query_separator, dataset_name, args.answer_eos)
 
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["context_ids", "query_ids", "answer_ids"]
@@ -159,10 +194,17 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
         features = lm_features(unwrapped, inputs["context_ids"], inputs["context_mask"], inputs["query_ids"],
                                inputs["query_mask"], args.feature_layer)
         selection = selector(features.context.float(), inputs["context_mask"], features.query.float(),
-                             inputs["query_mask"], ratio=args.fixed_keep_ratio)
+                             inputs["query_mask"], ratio=self.keep_ratio(mode))
         keep = selection.keep if selector.training else selection.keep.float()
-        lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"], keep,
-                                   inputs["query_ids"], inputs["query_mask"], inputs["answer_ids"], inputs["answer_mask"])
+        if args.training_selection == "mask":
+            lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"],
+                                       inputs["context_mask"].bool(), inputs["query_ids"], inputs["query_mask"],
+                                       inputs["answer_ids"], inputs["answer_mask"])
+            lm_inputs["key_keep"] = key_keep_vector(keep, inputs["context_mask"], lm_inputs["attention_mask"])
+        else:
+            lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"], keep,
+                                       inputs["query_ids"], inputs["query_mask"], inputs["answer_ids"],
+                                       inputs["answer_mask"])
         labels = lm_inputs.pop("labels")
         logits = model(**lm_inputs, use_cache=False).logits[:, :-1].float()
         targets = labels[:, 1:]
@@ -178,6 +220,14 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
             loss = loss + sum(terms.values()) / steps
         self._record(mode, ce, targets, selection, inputs["context_mask"], terms)
         return (loss, None) if return_outputs else loss
+
+    def keep_ratio(self, mode: str) -> float | None:
+        """The fixed share kept at this step (None: the learned budget); annealed in training if asked."""
+        args = self.args
+        if args.keep_ratio_start is None or mode != "train":
+            return args.fixed_keep_ratio
+        progress = min(self.state.global_step / max(args.keep_ratio_anneal_steps, 1), 1.0)
+        return args.keep_ratio_start + (args.fixed_keep_ratio - args.keep_ratio_start) * progress
 
     @torch.no_grad()
     def _record(self, mode, ce, targets, selection, context_mask, terms) -> None:
