@@ -12,8 +12,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def environment() -> dict:
-    """What a reader needs to trust a number: the command, the machine, thread count, versions, the date."""
+def environment(seeds=(0,)) -> dict:
+    """What a reader needs to trust a number: the command, the machine, thread count, versions, seeds, the date.
+
+    `seeds`: the training seeds of the runs (the tiny recipes' `seed: 0` unless a benchmark varies it).
+    """
     import torch
     import transformers
     import trl
@@ -24,6 +27,7 @@ def environment() -> dict:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__},
+        "seeds": list(seeds),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -31,7 +35,7 @@ def environment() -> dict:
 def environment_lines(env: dict) -> list[str]:
     return [f"Command: `{env['command']}`  ",
             f"Machine: {env['machine']}; device {env['device']}; torch threads {env['torch_threads']}; "
-            f"versions {env['versions']}; {env['date']}  "]
+            f"versions {env['versions']}; seeds {env.get('seeds', [0])}; {env['date']}  "]
 
 
 def run_recipe(recipe: str, overrides: list[str], callbacks=()):

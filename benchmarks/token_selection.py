@@ -90,7 +90,7 @@ def quality(args) -> None:
     if not (reference / "config.json").exists():  # the base fine-tuned on clean data: Rho-1's and PRIOR's reference
         run_recipe("recipes/tiny/sstoken.yaml", common_overrides(base, reference, args.reference_steps, 0) + [
             "--token_scorer", "none", "--data.datasets.0.path", str(clean / "train.jsonl")])
-    results = {"environment": environment(), "base": base, "reference": str(reference), "steps": args.steps,
+    results = {"environment": environment(args.seeds), "base": base, "reference": str(reference), "steps": args.steps,
                "seeds": args.seeds, "test_examples": args.test_examples, "runs": {}}
     results["reference_exact_match"] = exact_match(reference, args.test_examples)
     for method in args.methods:
