@@ -48,21 +48,8 @@ def load_rows(n: int | None, separator: str) -> tuple[list[str], list[str], list
     return [p[0] for p in pairs], [p[1] for p in pairs], [r["completion"] for r in rows]
 
 
-def exact_match(pipeline, contexts, queries, answers, batch_size=64, **select) -> tuple[float, float]:
-    """(exact match, mean kept share of the context)."""
-    tokenizer = pipeline.tokenizer
-    correct, kept = 0, 0.0
-    for start in range(0, len(contexts), batch_size):
-        targets = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start:start + batch_size]]
-        ids, keep = pipeline.answer(contexts[start:start + batch_size], queries[start:start + batch_size],
-                                    max_new_tokens=max(len(t) for t in targets), **select)
-        mask = pipeline.encode(contexts[start:start + batch_size], queries[start:start + batch_size])["context_mask"]
-        kept += (keep.sum(-1) / mask.sum(-1)).sum().item()
-        correct += sum(row[: len(t)] == t for row, t in zip(ids.tolist(), targets))
-    return correct / len(contexts), kept / len(contexts)
-
-
 def accuracy(args) -> None:
+    from tokensieve.launch.evaluate import selector_exact_match
     from tokensieve.launch.export import load_selector_pipeline
 
     out = Path(args.out)
@@ -73,12 +60,13 @@ def accuracy(args) -> None:
     anneal = ["--fixed_keep_ratio", "0.1", "--keep_ratio_start", "0.5", "--keep_ratio_anneal_steps", str(anneal_steps)]
     fixed = Path(args.fixed) if args.fixed else train(args.base, out / "selector-fixed", args.train_steps, anneal)
     pipe_learned, pipe_fixed = load_selector_pipeline(learned), load_selector_pipeline(fixed)
-    contexts, queries, answers = load_rows(args.test_examples, pipe_learned.query_separator)
+    rows = [json.loads(line) for line in TEST.open()][: args.test_examples]
+    prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
-               "ratios": args.ratios, "examples": len(contexts), "rows": {}}
+               "ratios": args.ratios, "examples": len(rows), "rows": {}}
 
     def record(name, column, pipeline, **select):
-        score, share = exact_match(pipeline, contexts, queries, answers, **select)
+        score, share = selector_exact_match(pipeline, prompts, answers, desc=f"{name} @ {column}", **select)
         results["rows"].setdefault(name, {})[str(column)] = {"exact_match": score, "kept_share": share}
         print(f"[query_selection] {name} @ {column}: exact match {score:.3f}, kept {share:.3f}", flush=True)
 

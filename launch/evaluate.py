@@ -58,11 +58,12 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
 
 @torch.no_grad()
 def selector_exact_match(pipeline, prompts: list[str], answers: list[str], batch_size: int = 64, n: int | None = None,
-                         ratio: float | None = None, desc: str = "select") -> tuple[float, float]:
+                         ratio: float | None = None, desc: str = "select",
+                         method: str = "selector") -> tuple[float, float]:
     """(exact match, mean kept share of the context) of a SelectorPipeline answering from the tokens it keeps.
 
     Each prompt is cut at its last query separator into context and query; the answer is generated for the
-    answer's token count, as in `exact_match`.
+    answer's token count, as in `exact_match`. `method`: the trained selector or a baseline (SELECTION_METHODS).
     """
     from tokensieve.errors import DataError
     from tokensieve.trainers.selector_lm import split_prompt
@@ -76,7 +77,7 @@ def selector_exact_match(pipeline, prompts: list[str], answers: list[str], batch
             raise DataError(f"{desc}: a prompt has no query: {error}") from None
         contexts, queries = [c for c, _ in pairs], [q for _, q in pairs]
         targets = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
-        ids, keep = pipeline.answer(contexts, queries, max(len(t) for t in targets), n=n, ratio=ratio)
+        ids, keep = pipeline.answer(contexts, queries, max(len(t) for t in targets), method=method, n=n, ratio=ratio)
         lengths = pipeline.encode(contexts, queries)["context_mask"].sum(-1)
         kept += (keep.sum(-1) / lengths).sum().item()
         correct += sum(row[: len(t)] == t for row, t in zip(ids.tolist(), targets))
