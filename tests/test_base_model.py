@@ -1,40 +1,31 @@
-"""The tiny recall base model: trained from scratch by recipes/base/tiny_recall.yaml, it must solve both tasks.
+"""The tiny recall base model: trained from scratch by recipes/base/tiny_recall.sh's data and train lines, it
+must solve both tasks.
 
 Slow (a few minutes on two CPU cores): run with `pytest -m slow`.
 """
 
 import pytest
 
-from tokensieve.data.synthetic import make_task
+from tokensieve.launch.cli import main
 from tokensieve.launch.evaluate import evaluate_files
 from tokensieve.launch.launcher import launch
-
-# The training data of recipes/base/tiny_recall.sh: the warm-up stages (folder, seed, induction options) in order.
-CURRICULUM = [
-    ("induction-4-12", 1, 4800, {"min_words": 4, "max_words": 12}),
-    ("induction-8-24", 2, 4800, {"min_words": 8, "max_words": 24}),
-    ("induction-16-48", 3, 3200, {"min_words": 16, "max_words": 48}),
-    ("induction-16-64", 4, 3200, {}),
-]
-RECALL_ROWS = {"mqar": 8000, "needle-qa": 8000}
+from tokensieve.launch.quickstart import BASE_SCRIPT, data_overrides, script_commands, with_out
 
 
 @pytest.mark.slow
 def test_tiny_recall_base_reaches_95_percent_exact_match(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(repo_root)
-    overrides = []
-    for index, (name, seed, rows, options) in enumerate(CURRICULUM):
-        make_task("induction", tmp_path / "data" / name, n=rows, seed=seed, **options)
-        overrides += [f"--data.curriculum.{index}.path", str(tmp_path / "data" / name / "train.jsonl")]
-    for task, n in RECALL_ROWS.items():
-        make_task(task, tmp_path / "data" / task, n=n)
+    commands = script_commands(repo_root / BASE_SCRIPT)  # the script's own lines, data written under tmp_path
+    folders = {}
+    for tokens in (c for c in commands if c[:2] == ["data", "make"]):
+        source = with_out(tokens, tmp_path)[1]
+        folders[source] = tmp_path / "data" / source.replace("/", "_")
+        assert main(with_out(tokens, folders[source])[0]) == 0
+    (train,) = [c for c in commands if c[0] == "train"]
+    recipe = repo_root / train[1]
     out = tmp_path / "base"
-    overrides += [
-        "--data.datasets.0.path", str(tmp_path / "data/mqar/train.jsonl"),
-        "--data.datasets.1.path", str(tmp_path / "data/needle-qa/train.jsonl"),
-        "--training.output_dir", str(out), "--report_to", "none",
-    ]
-    launch(repo_root / "recipes/base/tiny_recall.yaml", overrides)
+    launch(recipe, train[2:] + data_overrides(recipe, folders) + ["--training.output_dir", str(out),
+                                                                 "--report_to", "none"])
     results = evaluate_files(str(out), ["data/tasks/mqar/test.jsonl", "data/tasks/needle-qa/test.jsonl"])
     for path, result in results.items():
         assert result["exact_match"] >= 0.95, (path, result)
