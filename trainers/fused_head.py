@@ -2,8 +2,9 @@
 
 `trl.trainer.utils.add_fused_lm_head` (used by every trainer here) projects only the positions that carry a label
 when Triton runs, and every position elsewhere so that compiled tile shapes stay fixed. On CPU nothing is
-compiled, and projecting every prompt position costs ~40% of a tiny model's training step for the same loss and
-gradients (tests/test_fused_head.py checks both). Imported by `tokensieve.trainers`, so it applies to every trainer.
+compiled, and projecting every prompt position only adds work: the tiny base's training (the old 1400-step
+recipes/base/tiny_recall.sh) took 477 s before this and 281 s after, for the same loss and gradients
+(tests/test_fused_head.py checks both). Imported by `tokensieve.trainers`, so it applies to every trainer.
 """
 
 from __future__ import annotations

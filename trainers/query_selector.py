@@ -196,15 +196,12 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
         selection = selector(features.context.float(), inputs["context_mask"], features.query.float(),
                              inputs["query_mask"], ratio=self.keep_ratio(mode))
         keep = selection.keep if selector.training else selection.keep.float()
-        if args.training_selection == "mask":
-            lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"],
-                                       inputs["context_mask"].bool(), inputs["query_ids"], inputs["query_mask"],
-                                       inputs["answer_ids"], inputs["answer_mask"])
+        masked = args.training_selection == "mask"  # every context token goes in; attention weighs them by keep
+        lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"],
+                                   inputs["context_mask"].bool() if masked else keep, inputs["query_ids"],
+                                   inputs["query_mask"], inputs["answer_ids"], inputs["answer_mask"])
+        if masked:
             lm_inputs["key_keep"] = key_keep_vector(keep, inputs["context_mask"], lm_inputs["attention_mask"])
-        else:
-            lm_inputs = reduced_inputs(unwrapped, inputs["context_ids"], inputs["context_mask"], keep,
-                                       inputs["query_ids"], inputs["query_mask"], inputs["answer_ids"],
-                                       inputs["answer_mask"])
         labels = lm_inputs.pop("labels")
         logits = model(**lm_inputs, use_cache=False).logits[:, :-1].float()
         targets = labels[:, 1:]
