@@ -9,8 +9,8 @@ every policy answers the mqar and needle-qa test splits with greedy decoding fro
 prefilled in chunks of `buffer` tokens and after each chunk the cache is cut back to M = budget x mean prompt
 length tokens per (layer, kv head) (buffer = max(1, M // 4)). Policies: gates (TRIM-KV), streaming (StreamingLLM,
 4 sinks), h2o, snapkv, knorm, random; "full" is the uncompressed cache.
-inference: KV-cache bytes after generating past M (RetentionCache vs the full DynamicCache) and decode tokens/s
-at a context of 8 x M, side by side in one process.
+inference: KV-cache bytes after generating past M (RetentionCache vs the full DynamicCache), and decode tokens/s
+at a context of 8 x M for several M (--decode-memory-sizes), full and retention cache alternating in one process.
 training: gate-training step time / LoRA SFT step time on the same data and batch size.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -138,42 +139,58 @@ def inference(args) -> None:
         rows.append({"tokens": prompt.shape[1] + new_tokens, "full_kv_bytes": full_bytes,
                      "retention_kv_bytes": bounded.nbytes(), "ratio": bounded.nbytes() / full_bytes,
                      "bound": (memory + buffer) / (prompt.shape[1] + new_tokens)})
-    context = torch.randint(10, vocab, (1, 8 * memory), generator=generator)
-    mask = torch.ones_like(context)
     speed = {}
-    for name in ("full", "retention"):
-        best = None
+    for decode_memory in args.decode_memory_sizes:  # decode at a context of 8 x M, full and retention alternating
+        decode_buffer = max(1, decode_memory // 4)
+        context = torch.randint(10, vocab, (1, 8 * decode_memory), generator=generator)
+        times = {"full": [], "retention": []}
         for _ in range(args.repeats):
-            cache = DynamicCache(config=model.config) if name == "full" else RetentionCache.for_model(model, memory, buffer)
-            bounded_generate(model, context, mask, cache, chunk_size=buffer if name == "retention" else context.shape[1],
-                             max_new_tokens=1, do_sample=False)  # prefill
-            start = time.perf_counter()
-            ids = context
-            for _ in range(args.decode_tokens):
-                step = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
-                ids = torch.cat([ids, step.logits[:, -1:].argmax(-1)], dim=1)
-            elapsed = time.perf_counter() - start
-            best = elapsed if best is None else min(best, elapsed)
-        speed[name] = args.decode_tokens / best
+            for name in times:
+                if name == "full":
+                    cache, chunk = DynamicCache(config=model.config), context.shape[1]
+                else:
+                    cache, chunk = RetentionCache.for_model(model, decode_memory, decode_buffer), decode_buffer
+                bounded_generate(model, context, torch.ones_like(context), cache, chunk_size=chunk, max_new_tokens=1,
+                                 do_sample=False)  # prefill
+                ids = context[:, -1:]
+                start = time.perf_counter()
+                with torch.no_grad():
+                    for _ in range(args.decode_tokens):
+                        ids = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+                times[name].append(time.perf_counter() - start)
+        rates = {name: args.decode_tokens / statistics.median(values) for name, values in times.items()}
+        speed[str(decode_memory)] = {"context": 8 * decode_memory, "buffer_size": decode_buffer,
+                                     "full_tokens_per_s": rates["full"], "retention_tokens_per_s": rates["retention"],
+                                     "ratio": rates["retention"] / rates["full"]}
     results = {"environment": environment(), "memory_size": memory, "buffer_size": buffer, "memory_rows": rows,
-               "decode_context": 8 * memory, "decode_tokens_per_s": speed}
+               "decode": speed}
     (out / "inference.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# KV retention: cache memory and decode speed", ""] + environment_lines(results["environment"]) + [
         f"RetentionCache M={memory}, buffer={buffer} vs the full DynamicCache; greedy decoding of random tokens.", "",
         "| tokens in context | full KV bytes | retention KV bytes | ratio | bound (M+buffer)/T |", "|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['full_kv_bytes']} | {r['retention_kv_bytes']} | {r['ratio']:.3f} | "
               f"{min(r['bound'], 1):.3f} |" for r in rows]
-    lines += ["", f"Decode at a context of {8 * memory} tokens ({args.decode_tokens} tokens, best of {args.repeats}): "
-              f"full cache {speed['full']:.1f} tok/s, retention cache {speed['retention']:.1f} tok/s, "
-              f"ratio {speed['retention'] / speed['full']:.2f}"]
+    lines += ["", f"Decode speed at a context of 8 x M ({args.decode_tokens} tokens after the prefill; full and retention "
+              f"cache alternate, median of {args.repeats} runs each; buffer = M / 4):", "",
+              "| M | context | full cache (tok/s) | RetentionCache (tok/s) | retention / full |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['context']} | {v['full_tokens_per_s']:.1f} | {v['retention_tokens_per_s']:.1f} | "
+              f"{v['ratio']:.2f}x |" for m, v in speed.items()]
     (out / "inference.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(5, 3.5))
+    figure, (axis, speed_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
     axis.plot([r["tokens"] for r in rows], [r["full_kv_bytes"] for r in rows], marker="o", label="full cache")
     axis.plot([r["tokens"] for r in rows], [r["retention_kv_bytes"] for r in rows], marker="o", label="RetentionCache")
     axis.set_xlabel("tokens in context")
     axis.set_ylabel("KV bytes")
     axis.legend()
+    contexts = [v["context"] for v in speed.values()]
+    speed_axis.plot(contexts, [v["full_tokens_per_s"] for v in speed.values()], marker="o", label="full cache")
+    speed_axis.plot(contexts, [v["retention_tokens_per_s"] for v in speed.values()], marker="o",
+                    label="RetentionCache (M = context / 8)")
+    speed_axis.set_xscale("log", base=2)
+    speed_axis.set_xlabel("context (tokens)")
+    speed_axis.set_ylabel("decode tokens/s")
+    speed_axis.legend()
     figure.tight_layout()
     figure.savefig(out / "inference.png", dpi=100)
     print("\n".join(lines))
@@ -222,7 +239,9 @@ def main() -> None:
     i = commands.add_parser("inference")
     i.add_argument("--memory-size", type=int, default=32)
     i.add_argument("--decode-tokens", type=int, default=64)
-    i.add_argument("--repeats", type=int, default=3)
+    i.add_argument("--decode-memory-sizes", nargs="+", type=int, default=[32, 128, 512],
+                   help="M of each decode-speed comparison, at a context of 8 x M")
+    i.add_argument("--repeats", type=int, default=5)
     t = commands.add_parser("training")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=2)

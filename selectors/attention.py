@@ -63,25 +63,36 @@ def _biased_attention(module, query, key, value, attention_mask, log_beta, scali
 
 
 def _cached_attention(module, layer, query, key, value, attention_mask, scaling):
-    batch, heads, q, _ = query.shape
-    length = key.shape[2]
-    groups = heads // key.shape[1]
+    batch, heads, q, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
     steps = torch.arange(q, device=query.device)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         # The mask's diagonal says which new tokens are real (left padding shows up there).
-        layer.valid[:, :, length - q:] = attention_mask[:, 0, steps, length - q + steps][:, None, :]
+        real = attention_mask[:, 0, steps, length - q + steps]
+        layer.valid[:, :, length - q:] = real[:, None, :]
+        layer.padded = layer.padded or not bool(real.all())
+    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # a kv head's query heads as extra rows (GQA)
+    if q == 1 and not layer.padded and not layer.needs_attention:
+        # Decoding without padding: every cached token is visible, no mask needed (the fast path).
+        output = F.scaled_dot_product_attention(grouped, key, value, scale=scaling)
+        return output.view(batch, heads, q, dim).transpose(1, 2).contiguous(), None
     allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
-    allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal among new
+    if q > 1:
+        allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal
     allowed[:, :, steps, length - q + steps] = True  # a padding query attends to itself (its output is unused)
-    allowed = _repeat_kv(allowed, groups)
-    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
     if layer.needs_attention:
+        allowed = _repeat_kv(allowed, groups)
+        key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
         scores = torch.einsum("bhqd,bhkd->bhqk", query.float(), key.float()) * scaling
         probs = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1)
         layer.observe(probs, groups)
         output = torch.einsum("bhqk,bhkd->bhqd", probs.to(value.dtype), value)
     else:
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scaling)
+        if groups > 1:
+            allowed = allowed[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, kv_heads, groups * q, length)
+        output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=allowed, scale=scaling)
+        output = output.view(batch, heads, q, dim)
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -102,15 +113,17 @@ def _gate_hook(module, args, kwargs):
     cache = kwargs.get("past_key_values")
     gate = module.retention_gate if getattr(module, "_retention_enabled", True) else None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    log_beta = gate(hidden) if gate is not None else None
     module._retention_cache_layer = None
     module._retention_log_beta = None
-    if isinstance(cache, RetentionCache):
+    if cache is not None and not isinstance(cache, RetentionCache):
+        return None  # another cache: the original attention, the gate is not needed
+    if cache is not None:
+        # The cache runs the gate when it next evicts, once for all the tokens added since (decoding runs no gate).
         layer = cache.layers[module.layer_idx]
-        layer.pending_log_beta = None if log_beta is None else log_beta.detach()
+        layer.pending_gate = None if gate is None else (gate, hidden.detach())
         module._retention_cache_layer = layer
-    elif cache is None:
-        module._retention_log_beta = log_beta  # kept with its graph: the trainer's capacity loss reads it
+    else:
+        module._retention_log_beta = None if gate is None else gate(hidden)  # with its graph: the capacity loss
 
 
 AttentionInterface.register(ATTENTION_NAME, retention_attention)

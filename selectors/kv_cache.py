@@ -43,11 +43,20 @@ class RetentionLayer(DynamicLayer):
         self.generator = torch.Generator().manual_seed(seed)
         self.seen = 0
         self.evictions = 0
-        self.pending_log_beta: torch.Tensor | None = None  # set by the gate hook just before `update`
+        self.padded = False  # whether a padding token ever entered the cache (decoding then needs a mask)
+        self.pending_log_beta: torch.Tensor | None = None  # log beta of the next `update`'s tokens, if known
+        self.pending_gate = None  # or (gate, its input [B, q, D]) for the next `update`: log beta computed lazily
+        self._deferred: list = []  # (gate, input) of the newest tokens, whose log beta nobody needed yet
 
     @property
     def needs_attention(self) -> bool:
         return self.policy in NEEDS_ATTENTION
+
+    @property
+    def _fields(self) -> tuple[str, ...]:
+        """The per-token tensors, all [B, H, L] but K and V; attention scores only for the policies that read them."""
+        fields = ("keys", "values", "log_beta", "positions", "valid")
+        return fields + ("scores_seen",) if self.needs_attention else fields
 
     def physical_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.dim() < 4 else self.keys.shape[-2]
@@ -60,7 +69,7 @@ class RetentionLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
             batch, heads = key_states.shape[:2]
             device = key_states.device
-            self.log_beta = torch.zeros(batch, heads, 0, device=device)
+            self._log_beta = torch.zeros(batch, heads, 0, device=device)
             self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
             self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
             self.scores_seen = torch.zeros(batch, heads, 0, device=device)
@@ -68,19 +77,40 @@ class RetentionLayer(DynamicLayer):
             self.evict(self.memory_size)
         batch, heads, length = key_states.shape[:3]
         device = key_states.device
-        log_beta = self.pending_log_beta
-        if log_beta is None:
+        deferred, log_beta = self.pending_gate, self.pending_log_beta
+        self.pending_gate = self.pending_log_beta = None
+        if deferred is not None and self.policy == "gates":
+            self._deferred.append(deferred)  # the gate runs at the next eviction, once for all tokens added until then
+        elif log_beta is None:  # no gate, or a policy that does not read log beta
             log_beta = torch.zeros(batch, heads, length, device=device)
-        self.pending_log_beta = None
         positions = (self.seen + torch.arange(length, device=device)).expand(batch, heads, length)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        self.log_beta = torch.cat([self.log_beta, log_beta.float().to(device)], dim=-1)
+        if log_beta is not None:
+            self.log_beta = torch.cat([self.log_beta, log_beta.float().to(device)], dim=-1)
         self.positions = torch.cat([self.positions, positions], dim=-1)
         self.valid = torch.cat([self.valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], dim=-1)
-        self.scores_seen = torch.cat([self.scores_seen, torch.zeros(batch, heads, length, device=device)], dim=-1)
+        if self.needs_attention:
+            self.scores_seen = torch.cat([self.scores_seen, torch.zeros(batch, heads, length, device=device)], dim=-1)
         self.seen += length
         return self.keys, self.values
+
+    @property
+    def log_beta(self) -> torch.Tensor:
+        """log beta of every cached token [B, H, L]; deferred gate inputs are run through their gate first."""
+        if self._deferred:
+            gate = self._deferred[0][0]
+            with torch.no_grad():
+                computed = gate(torch.cat([hidden for _, hidden in self._deferred], dim=1))
+            self._deferred = []
+            self._log_beta = torch.cat([self._log_beta, computed.float().to(self._log_beta.device)], dim=-1)
+        return self._log_beta
+
+    @log_beta.setter
+    def log_beta(self, value: torch.Tensor) -> None:
+        if self._deferred:
+            raise RuntimeError("log beta of deferred tokens would be overwritten")
+        self._log_beta = value
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -121,7 +151,7 @@ class RetentionLayer(DynamicLayer):
         expanded = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, expanded)
         self.values = self.values.gather(2, expanded)
-        for name in ("log_beta", "positions", "valid", "scores_seen"):
+        for name in self._fields[2:]:
             setattr(self, name, getattr(self, name).gather(2, index))
         self.evictions += 1
 
@@ -136,7 +166,7 @@ class RetentionLayer(DynamicLayer):
             self.scores_seen = F.avg_pool1d(window, kernel_size=7, stride=1, padding=3, count_include_pad=False)
 
     def _select_batch(self, index) -> None:
-        for name in ("keys", "values", "log_beta", "positions", "valid", "scores_seen"):
+        for name in self._fields:
             setattr(self, name, getattr(self, name)[index])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -149,13 +179,15 @@ class RetentionLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            for name in ("keys", "values", "log_beta", "positions", "valid", "scores_seen"):
+            for name in self._fields:
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         super().reset()
+        self._deferred = []
         self.seen = 0
         self.evictions = 0
+        self.padded = False
 
     def nbytes(self) -> int:
         """Bytes held by the cached keys and values."""

@@ -162,6 +162,27 @@ def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
     assert logs[0]["capacity_loss"] > 0  # bias 2 -> beta 0.88 keeps ~8 tokens > M = 4
 
 
+def test_teacher_runs_without_the_lora_it_trains(tiny_tokenizer, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = fresh_model(tiny_tokenizer)
+    inputs = tiny_tokenizer(["record 3 : key k3 maps to v2 ; copy v2"], return_tensors="pt")
+    with torch.no_grad():
+        expected = base(**inputs).logits
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    args = RetentionConfig(output_dir=str(tmp_path), train_lora=True, memory_size=4, gate_intermediate_size=16,
+                           report_to="none", use_cpu=True, bf16=False)
+    trainer = RetentionTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_rows()),
+                               processing_class=tiny_tokenizer)
+    assert any("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad(), gates_disabled(model), trainer._adapters_off_if_trained(model):
+        teacher = model(**inputs).logits
+    with torch.no_grad(), gates_disabled(model):
+        student_without_gates = model(**inputs).logits
+    torch.testing.assert_close(teacher, expected)
+    assert not torch.allclose(student_without_gates, expected)  # the adapter (random init here) changes the model
+
+
 def test_export_loads_in_a_fresh_process(tiny_tokenizer, tmp_path):
     base = tmp_path / "base"
     fresh_model(tiny_tokenizer).save_pretrained(base)

@@ -2,7 +2,8 @@
 
     loss = 1/2 (CE + KL(p_teacher || q_student)) over response tokens  +  lambda * capacity_loss(log beta, M)
 
-The teacher is the model itself under `gates_disabled` and no_grad, so no second copy of the weights exists.
+The teacher is the model itself under `gates_disabled` and no_grad, so no second copy of the weights exists (with
+`train_lora`, its adapters are off in the teacher's forward too).
 Only the gates train (LoRA adapters too with `train_lora`). The CE + KL part is summed over tokens and divided by
 the response-token count of the whole accumulated global batch; the capacity loss is a per-micro-batch mean over
 the positive terms of all ranks, divided by the accumulation steps.
@@ -10,6 +11,7 @@ the positive terms of all ranks, divided by the accumulation steps.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 
@@ -73,7 +75,7 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
                         "use_cache": False}
         unwrapped = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), gates_disabled(unwrapped):
+        with torch.no_grad(), gates_disabled(unwrapped), self._adapters_off_if_trained(unwrapped):
             teacher = model(**model_inputs).logits[:, :-1].float()
         student = model(**model_inputs).logits[:, :-1].float()
         log_beta = collected_log_beta(unwrapped)  # [B, layers * H_kv, T]
@@ -102,6 +104,12 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         loss = quality + args.capacity_weight * capacity / steps
         self._record(mode, ce, kl, mask, capacity, log_beta.detach(), real)
         return (loss, None) if return_outputs else loss
+
+    def _adapters_off_if_trained(self, unwrapped):
+        """The teacher is the model as it was: LoRA adapters that train with the gates are off in its forward."""
+        if self.args.train_lora and hasattr(unwrapped, "disable_adapter"):
+            return unwrapped.disable_adapter()
+        return contextlib.nullcontext()
 
     @torch.no_grad()
     def _record(self, mode, ce, kl, mask, capacity, log_beta, real) -> None:
