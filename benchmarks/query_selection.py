@@ -8,6 +8,9 @@ accuracy: two selectors are trained on the frozen base with recipes/tiny/query_s
 fixed 10% budget) unless --learned/--fixed name exports; then every method answers the needle-qa test split:
 full context; the learned-budget selector at its own budget and at each fixed share; the fixed-budget selector at
 each share; PromptDistill-style scoring at the feature layer; first-n, last-n, random-n.
+--lora adds a third selector, fixed 10% budget trained together with LoRA adapters (r 16, all linear layers) so the
+LM learns to read a context with gaps; the LM with those adapters merged then answers with full context, with that
+selector, and with every baseline (rows marked "LoRA LM").
 prefill: wall time and KV-cache bytes of answering with the selector at --ratio (feature pass + reduced prefill)
 vs the full context, alternating, best of --repeats.
 Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/query_selection).
@@ -60,6 +63,12 @@ def accuracy(args) -> None:
     anneal = ["--fixed_keep_ratio", "0.1", "--keep_ratio_start", "0.5", "--keep_ratio_anneal_steps", str(anneal_steps)]
     fixed = Path(args.fixed) if args.fixed else train(args.base, out / "selector-fixed", args.train_steps, anneal)
     pipe_learned, pipe_fixed = load_selector_pipeline(learned), load_selector_pipeline(fixed)
+    pipe_lora = None
+    if args.lora:
+        lora = ["--train_lora", "true", "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0",
+                "--peft.target_modules", "all-linear"]
+        pipe_lora = load_selector_pipeline(train(args.base, out / "selector-fixed-lora", args.train_steps,
+                                                 anneal + lora))
     rows = [json.loads(line) for line in TEST.open()][: args.test_examples]
     prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
@@ -77,6 +86,12 @@ def accuracy(args) -> None:
         record("selector (trained at 10%)", ratio, pipe_fixed, ratio=ratio)
         for method in BASELINES:
             record(method, ratio, pipe_learned, method=method, ratio=ratio)
+    if pipe_lora is not None:
+        record("full context (LoRA LM)", "all", pipe_lora, method="full")
+        for ratio in args.ratios:
+            record("selector (trained at 10% with LoRA) (LoRA LM)", ratio, pipe_lora, ratio=ratio)
+            for method in BASELINES:
+                record(f"{method} (LoRA LM)", ratio, pipe_lora, method=method, ratio=ratio)
     (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
     write_accuracy_report(out, results)
 
@@ -88,12 +103,14 @@ def write_accuracy_report(out: Path, results: dict) -> None:
     lines = ["# Query-aware selection on needle-qa: exact match vs kept share of the context", ""] + environment_lines(
         results["environment"]) + [
         f"Base `{results['base']}` (frozen); {results['examples']} test examples. Full context: {full:.3f}. "
-        f"Learned budget on its own: {own['exact_match']:.3f} keeping {own['kept_share']:.1%} of the context.", "",
+        f"Learned budget on its own: {own['exact_match']:.3f} keeping {own['kept_share']:.1%} of the context."
+        + (f" Full context on the LoRA LM: {rows['full context (LoRA LM)']['all']['exact_match']:.3f}."
+           if "full context (LoRA LM)" in rows else ""), "",
         "| method | " + " | ".join(f"{float(r):.0%} kept" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
     for name, entry in rows.items():
-        if name == "full context":
+        if name.startswith("full context"):
             continue
         values = [entry[r]["exact_match"] for r in ratios]
         lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
@@ -167,6 +184,8 @@ def main() -> None:
     a = commands.add_parser("accuracy")
     a.add_argument("--ratios", nargs="+", type=float, default=[0.05, 0.1, 0.25])
     a.add_argument("--test-examples", type=int, default=None)
+    a.add_argument("--lora", action="store_true", help="also a fixed-budget selector trained with LoRA adapters, "
+                   "and every method on the LM with those adapters")
     a.add_argument("--fixed", default=None, help="a selector export trained at a fixed budget")
     a.add_argument("--anneal-steps", type=int, default=None, help="steps over which the fixed-budget selector's "
                    "share goes from 50%% to 10%% (default: half its steps)")

@@ -198,6 +198,23 @@ def test_trainer_trains_only_the_selector(tiny_tokenizer, tmp_path, fixed, selec
     assert ("budget_linear" in logs[0]) == (fixed is None)
 
 
+def test_attention_distill_loss_by_hand_and_logged(tiny_tokenizer, tmp_path):
+    from tokensieve.trainers.query_selector import attention_distill_loss
+    from tokensieve.trainers.selector_lm import Features
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    features = Features(context=None, query=None, q_last=torch.randn(2, 2, 4), context_keys=torch.randn(2, 2, 6, 4))
+    teacher = promptdistill_scores(features.q_last, features.context_keys, mask).softmax(-1)
+    assert attention_distill_loss(features, 0.3 * teacher, mask).abs() < 1e-6  # r proportional to t: no loss
+    uniform = mask.float()
+    expected = sum((t[m] * (t[m].log() - math.log(1 / int(m.sum())))).sum() for t, m in zip(teacher, mask)) / 2
+    torch.testing.assert_close(attention_distill_loss(features, uniform, mask), expected)
+    trainer = train_selector(tiny_tokenizer, tmp_path, fixed_keep_ratio=0.25, attention_distill_weight=0.5)
+    logs = [e for e in trainer.state.log_history if "kept_fraction" in e]
+    assert logs[0]["attention_distill"] > 0
+
+
 def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tmp_path):
     base = tmp_path / "base"
     fresh_model(tiny_tokenizer).save_pretrained(base)

@@ -22,7 +22,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import DataError, ModelError
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
-from tokensieve.selectors.query_selector import QuerySelector
+from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
 
@@ -59,6 +59,11 @@ class QuerySelectorConfig(SFTConfig):
     lambda_m: float = field(default=1.7, metadata={"help": "Weight of rho N / n_max."})
     lambda_s: float = field(default=0.05, metadata={"help": "Weight of (rho - running mean)^2."})
     train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
+    attention_distill_weight: float = field(
+        default=0.0, metadata={"help": "Weight of KL(t || r / sum r): t = softmax of the LM's own PromptDistill-"
+                                       "style scores of the context at the feature layer (q_last . k, head mean, "
+                                       "pooled), r = the selector's relevance. 0: off (answer loss only)."}
+    )
     answer_eos: bool = field(
         default=False, metadata={"help": "Append EOS to each answer. Off by default: a frozen LM that does not end "
                                          "its answers with EOS would add a loss no selection can lower."}
@@ -78,6 +83,7 @@ class QuerySelectorConfig(SFTConfig):
             (0.0 < self.rho_min <= self.rho_max <= 1.0, "rho_min/rho_max", "0 < rho_min <= rho_max <= 1",
              (self.rho_min, self.rho_max)),
             (self.selector_tau > 0, "selector_tau", "> 0", self.selector_tau),
+            (self.attention_distill_weight >= 0, "attention_distill_weight", ">= 0", self.attention_distill_weight),
             (self.fixed_keep_ratio is None or 0 < self.fixed_keep_ratio <= 1, "fixed_keep_ratio", "in (0, 1]",
              self.fixed_keep_ratio),
             (self.keep_ratio_start is None or (self.fixed_keep_ratio is not None and
@@ -213,6 +219,10 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
         terms = {}
         if args.fixed_keep_ratio is None:
             terms = selector.budget_terms(selection, inputs["context_mask"], args.lambda_t, args.lambda_m, args.lambda_s)
+        if args.attention_distill_weight > 0:
+            terms["attention_distill"] = args.attention_distill_weight * attention_distill_loss(
+                features, selection.scores, inputs["context_mask"])
+        if terms:
             steps = self.current_gradient_accumulation_steps if mode == "train" else 1
             loss = loss + sum(terms.values()) / steps
         self._record(mode, ce, targets, selection, inputs["context_mask"], terms)
@@ -257,6 +267,15 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
 
 
 # --- export ------------------------------------------------------------------------------------------------------
+
+
+def attention_distill_loss(features, scores: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+    """Batch mean of KL(t || r / sum r), t = softmax over the context of the LM's PromptDistill-style scores."""
+    mask = context_mask.bool()
+    teacher = promptdistill_scores(features.q_last, features.context_keys, mask).softmax(-1)  # 0 on padding
+    student = scores / scores.sum(-1, keepdim=True).clamp(min=1e-8)
+    kl = teacher * (teacher.clamp(min=1e-12).log() - student.clamp(min=1e-12).log())
+    return kl.masked_fill(~mask, 0.0).sum(-1).mean()
 
 
 def save_selector(model, output_dir, args: QuerySelectorConfig) -> Path:
