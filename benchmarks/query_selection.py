@@ -8,9 +8,9 @@ accuracy: two selectors are trained on the frozen base with recipes/tiny/query_s
 fixed 10% budget) unless --learned/--fixed name exports; then every method answers the needle-qa test split:
 full context; the learned-budget selector at its own budget and at each fixed share; the fixed-budget selector at
 each share; PromptDistill-style scoring at the feature layer; first-n, last-n, random-n.
---lora adds a third selector, fixed 10% budget trained together with LoRA adapters (r 16, all linear layers) so the
-LM learns to read a context with gaps; the LM with those adapters merged then answers with full context, with that
-selector, and with every baseline (rows marked "LoRA LM").
+--lora adds a third selector, trained by recipes/tiny/query_selector_lora.yaml (fixed 10% budget, LoRA adapters so
+the LM learns to read a context with gaps, attention distillation); the LM with those adapters merged then answers
+with full context, with that selector, and with every baseline (rows marked "LoRA LM").
 prefill: wall time and KV-cache bytes of answering with the selector at --ratio (feature pass + reduced prefill)
 vs the full context, alternating, best of --repeats.
 Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/query_selection).
@@ -32,13 +32,14 @@ BASELINES = ["promptdistill", "first", "last", "random"]
 RECIPE_STEPS = 300  # max_steps of recipes/tiny/query_selector.yaml
 
 
-def train(base: str, folder: Path, steps: int | None, extra: list[str]) -> Path:
+def train(base: str, folder: Path, steps: int | None, extra: list[str],
+          recipe: str = "recipes/tiny/query_selector.yaml") -> Path:
     if not (folder / "selector.json").exists():
         overrides = ["--model.name_or_path", base, "--training.output_dir", str(folder), "--report_to", "none",
                      "--save_strategy", "no", "--resume_from_checkpoint", "false"] + extra
         if steps:
             overrides += ["--max_steps", str(steps)]
-        run_recipe("recipes/tiny/query_selector.yaml", overrides)
+        run_recipe(recipe, overrides)
     return folder
 
 
@@ -65,10 +66,9 @@ def accuracy(args) -> None:
     pipe_learned, pipe_fixed = load_selector_pipeline(learned), load_selector_pipeline(fixed)
     pipe_lora = None
     if args.lora:
-        lora = ["--train_lora", "true", "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0",
-                "--peft.target_modules", "all-linear"]
-        pipe_lora = load_selector_pipeline(train(args.base, out / "selector-fixed-lora", args.train_steps,
-                                                 anneal + lora))
+        extra = ["--keep_ratio_anneal_steps", str(args.anneal_steps)] if args.anneal_steps is not None else []
+        pipe_lora = load_selector_pipeline(train(args.base, out / "selector-lora", args.train_steps, extra,
+                                                 "recipes/tiny/query_selector_lora.yaml"))
     rows = [json.loads(line) for line in TEST.open()][: args.test_examples]
     prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),

@@ -162,6 +162,31 @@ def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
     assert logs[0]["capacity_loss"] > 0  # bias 2 -> beta 0.88 keeps ~8 tokens > M = 4
 
 
+def test_loss_from_response_logits_equals_the_full_logits_loss(tiny_tokenizer, tmp_path):
+    import torch.nn.functional as F
+
+    from tokensieve.selectors.retention import capacity_loss
+
+    args = RetentionConfig(output_dir=str(tmp_path), memory_size=4, gate_intermediate_size=16, gate_bias_init=2.0,
+                           report_to="none", use_cpu=True, bf16=False, per_device_train_batch_size=4)
+    trainer = RetentionTrainer(model=fresh_model(tiny_tokenizer), args=args,
+                               train_dataset=Dataset.from_list(tiny_rows()), processing_class=tiny_tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        with gates_disabled(model):
+            teacher = model(**inputs).logits[:, :-1]
+        student = model(**inputs).logits[:, :-1]
+        log_beta = collected_log_beta(model)
+    mask = batch["labels"][:, 1:] != -100
+    ce = F.cross_entropy(student[mask], batch["labels"][:, 1:][mask], reduction="sum")
+    kl = F.kl_div(student[mask].log_softmax(-1), teacher[mask].log_softmax(-1), log_target=True, reduction="sum")
+    expected = 0.5 * (ce + kl) / mask.sum() + capacity_loss(log_beta, 4, valid=batch["attention_mask"].bool())
+    torch.testing.assert_close(loss, expected)
+
+
 def test_teacher_runs_without_the_lora_it_trains(tiny_tokenizer, tmp_path):
     from peft import LoraConfig, get_peft_model
 

@@ -72,24 +72,27 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         args = self.args
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
+        # Logits only where the next token is a response token: [n, V] rather than [B, T, V] (transformers slices
+        # the hidden states with a boolean `logits_to_keep` before the LM head).
+        scored = torch.zeros_like(labels, dtype=torch.bool)
+        scored[:, :-1] = labels[:, 1:] != -100
         model_inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"),
-                        "use_cache": False}
+                        "use_cache": False, "logits_to_keep": scored}
         unwrapped = self.accelerator.unwrap_model(model)
         with torch.no_grad(), gates_disabled(unwrapped), self._adapters_off_if_trained(unwrapped):
-            teacher = model(**model_inputs).logits[:, :-1].float()
-        student = model(**model_inputs).logits[:, :-1].float()
+            teacher = model(**model_inputs).logits.float()
+        student = model(**model_inputs).logits.float()
         log_beta = collected_log_beta(unwrapped)  # [B, layers * H_kv, T]
         check_finite(log_beta, "a retention gate's output (log beta)", self.state.global_step + 1, args.output_dir)
 
-        mask = labels[:, 1:] != -100
-        targets = labels[:, 1:].clamp(min=0)
-        student_logp = student.log_softmax(-1)
-        ce = -student_logp.gather(-1, targets[..., None]).squeeze(-1)
+        targets = labels[:, 1:][scored[:, :-1]]
+        ce = -student.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         tau = args.distill_temperature
         kl = F.kl_div((student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1), log_target=True,
                       reduction="none").sum(-1) * tau**2
-        count = num_items_in_batch if num_items_in_batch is not None else mask.sum()
-        quality = (0.5 * (ce + kl) * mask).sum() / torch.as_tensor(count).clamp(min=1)
+        mask = torch.ones_like(ce, dtype=torch.bool)
+        count = num_items_in_batch if num_items_in_batch is not None else ce.numel()
+        quality = 0.5 * (ce + kl).sum() / torch.as_tensor(count).clamp(min=1)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             quality = quality * self.accelerator.num_processes  # DDP averages gradients; the count spans ranks
 
