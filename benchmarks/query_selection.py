@@ -67,11 +67,13 @@ def accuracy(args) -> None:
     pipe_lora = None
     if args.lora:
         extra = ["--keep_ratio_anneal_steps", str(args.anneal_steps)] if args.anneal_steps is not None else []
-        pipe_lora = load_selector_pipeline(train(args.base, out / "selector-lora", args.train_steps, extra,
-                                                 "recipes/tiny/query_selector_lora.yaml"))
+        lora = Path(args.lora_selector) if args.lora_selector else train(
+            args.base, out / "selector-lora", args.train_steps, extra, "recipes/tiny/query_selector_lora.yaml")
+        pipe_lora = load_selector_pipeline(lora)
     rows = [json.loads(line) for line in TEST.open()][: args.test_examples]
     prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
+               "lora": str(lora) if args.lora else None,
                "ratios": args.ratios, "examples": len(rows), "rows": {}}
 
     def record(name, column, pipeline, **select):
@@ -186,6 +188,8 @@ def main() -> None:
     a.add_argument("--test-examples", type=int, default=None)
     a.add_argument("--lora", action="store_true", help="also a fixed-budget selector trained with LoRA adapters, "
                    "and every method on the LM with those adapters")
+    a.add_argument("--lora-selector", default=None, help="with --lora: a selector + LoRA export to use (e.g. "
+                   "recipes/tiny/query_selector_lora.yaml trained with another --seed) instead of training one")
     a.add_argument("--fixed", default=None, help="a selector export trained at a fixed budget")
     a.add_argument("--anneal-steps", type=int, default=None, help="steps over which the fixed-budget selector's "
                    "share goes from 50%% to 10%% (default: half its steps)")
