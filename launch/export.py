@@ -204,4 +204,5 @@ def load_selector_pipeline(path, base_model: str | None = None, dtype=None, devi
     attach_selector(model, selector)
     if device is not None:
         model = model.to(device)
-    return SelectorPipeline(model, tokenizer, selector, config["feature_layer"], config["query_separator"])
+    return SelectorPipeline(model, tokenizer, selector, config["feature_layer"], config["query_separator"],
+                            default_ratio=config.get("fixed_keep_ratio"))

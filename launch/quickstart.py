@@ -15,7 +15,8 @@ Stages, each in its own folder under --out (a stage is finished when its stage.j
 The token-selection stages fine-tune every weight, as the benchmark does (LoRA r16 on this 1M-parameter base stayed
 at exact match 0.01 after 150 steps where full fine-tuning reached 0.085); `--lora` trains LoRA adapters instead.
     trim_kv         TRIM-KV retention gates on the frozen base (recipes/tiny/trim_kv.yaml)
-    query_selector  a QTSplus-style query selector on the frozen base (recipes/tiny/query_selector.yaml)
+    query_selector  a QTSplus-style query selector trained with LoRA adapters, fixed 10% of the context
+                    (recipes/tiny/query_selector_lora.yaml: the frozen tiny base cannot answer from a context with gaps)
     reload          every export loaded again in a fresh `tokensieve eval` process: exact match on the test splits
                     (LoRA adapters; the gates generating from a bounded KV cache; the selector answering from the
                     context tokens it keeps)
@@ -58,7 +59,8 @@ TRAINING = {
                ["--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
                 "{curated}", "--data.eval_datasets", "[]"]),  # the test split has no token_mask column
     "trim_kv": ("recipes/tiny/trim_kv.yaml", 100, "TRIM-KV retention gates", []),
-    "query_selector": ("recipes/tiny/query_selector.yaml", 100, "query selector, learned budget", []),
+    "query_selector": ("recipes/tiny/query_selector_lora.yaml", 300, "query selector + LoRA, 10% of the context",
+                       ["--keep_ratio_anneal_steps", "{anneal}"]),
 }
 STAGES = ("data", "base", *TRAINING, "reload")
 
@@ -226,7 +228,7 @@ class Quickstart:
         recipe = REPO_ROOT / recipe_name
         steps = self._steps(default_steps)
         fill = {"reference": str(self.out / "reference"), "clean": str(self.clean_train),
-                "curated": str(self.out / "curate" / "curated.parquet")}
+                "curated": str(self.out / "curate" / "curated.parquet"), "anneal": str(max(steps * 2 // 3, 1))}
         overrides = data_overrides(recipe, self.data_folders) + [x.format(**fill) for x in extra] + [
             "--training.output_dir", str(folder), "--max_steps", str(steps), "--logging_steps", str(max(steps // 5, 1)),
             "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[wandb]",

@@ -239,6 +239,15 @@ def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tm
     assert json.loads(result.stdout.strip().splitlines()[-1]) == [expected.tolist(), keep.tolist()]
     from tokensieve.launch.export import load_selector_pipeline
 
+    # Trained at a fixed share: the loaded pipeline keeps that share by default (its budget head never trained).
+    trainer.args.fixed_keep_ratio = 0.25
+    trainer.save_model(str(tmp_path / "export-fixed"))
+    fixed = load_selector_pipeline(tmp_path / "export-fixed")
+    batch = fixed.encode(contexts, queries)
+    assert fixed.default_ratio == 0.25
+    assert torch.equal(fixed.select(batch), fixed.select(batch, ratio=0.25))
+    assert load_selector_pipeline(tmp_path / "export").default_ratio is None
+
     with pytest.raises(ModelError, match="no selector.json"):
         load_selector_pipeline(tmp_path / "nothing")
     data = (tmp_path / "export/selector.safetensors").read_bytes()

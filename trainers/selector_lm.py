@@ -138,13 +138,16 @@ SELECTION_METHODS = ("selector", "promptdistill", "first", "last", "random", "fu
 class SelectorPipeline:
     """Context + query -> kept context tokens -> greedy answer, for a trained selector or a training-free baseline.
 
-    methods: "selector" (the trained QuerySelector, learned budget unless n/ratio is given), "promptdistill"
+    methods: "selector" (the trained QuerySelector: n or ratio if given, else the fixed share it was trained at,
+    else its learned budget), "promptdistill"
     (head-mean q_last . k_j at the feature layer, avg-pooled), "first", "last", "random", "full" (no selection).
     """
 
     def __init__(self, model, tokenizer, selector=None, feature_layer: int = 1, query_separator: str = " ?",
-                 seed: int = 0):
+                 seed: int = 0, default_ratio: float | None = None):
         self.model, self.tokenizer, self.selector = model.eval(), tokenizer, selector
+        # A selector trained at a fixed share keeps that share unless told otherwise: its budget head never trained.
+        self.default_ratio = default_ratio
         self.feature_layer, self.query_separator = feature_layer, query_separator
         self.generator = torch.Generator().manual_seed(seed)
         if selector is not None:
@@ -174,6 +177,8 @@ class SelectorPipeline:
         if method == "selector":
             if self.selector is None:
                 raise ValueError("method 'selector' needs a trained selector")
+            if n is None and ratio is None:
+                ratio = self.default_ratio
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
                                    batch["query_mask"], self.feature_layer)
             return self.selector(features.context.float(), mask, features.query.float(), batch["query_mask"],
