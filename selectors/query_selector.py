@@ -100,6 +100,12 @@ class QuerySelector(nn.Module):
                 ratio: float | None = None) -> Selection:
         """Select among `candidates`; `n` or `ratio` fix the budget instead of the learned rho."""
         candidate_mask, query_mask = candidate_mask.bool(), query_mask.bool()
+        hidden, features = self.config["hidden_size"], self.config["feature_size"]
+        if candidates.shape[-1] != (features or hidden):
+            expected = f"feature_size {features} (its projector's input)" if features else f"hidden_size {hidden}"
+            raise ValueError(f"candidate features have width {candidates.shape[-1]}; this selector expects {expected}")
+        if query.shape[-1] != hidden:
+            raise ValueError(f"query features have width {query.shape[-1]}; this selector expects hidden_size {hidden}")
         x = self.encode_candidates(candidates, candidate_mask)
         scores = self.relevance(x, candidate_mask, query, query_mask)
         counts = candidate_mask.sum(-1).float()

@@ -211,6 +211,26 @@ def _not_a_selector_export(t, tok):
     return ["generate", str(tiny_model_dir(t, tok, "base")), "--selector", "--prompt", "a ? b"]
 
 
+def selector_export(t, tok, base: Path) -> Path:
+    from tokensieve.selectors.query_selector import QuerySelector
+    from tokensieve.trainers.query_selector import QuerySelectorConfig, attach_selector, save_selector
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    attach_selector(model, QuerySelector(model.config.hidden_size, num_heads=2, budget_hidden=8))
+    args = QuerySelectorConfig(output_dir=str(t / "unused"), report_to="none", use_cpu=True, bf16=False)
+    return save_selector(model, t / "selector", args)
+
+
+def _selector_empty_context(t, tok):
+    export = selector_export(t, tok, tiny_model_dir(t, tok, "base"))
+    return ["generate", str(export), "--selector", "--context", "", "--query", " ? copy k3"]
+
+
+def _selector_query_too_long(t, tok):
+    export = selector_export(t, tok, tiny_model_dir(t, tok, "base", max_position_embeddings=64))
+    return ["generate", str(export), "--selector", "--context", "record 3 : key k3", "--query", " ?" + " copy" * 80]
+
+
 def _gates_policy_without_export(t, tok):
     return ["generate", str(tiny_model_dir(t, tok, "base")), "--prompt", "hello"]
 
@@ -268,6 +288,8 @@ CASES = [
     ("gates-truncated-file", _gates_truncated, r"truncated or corrupt"),
     ("adapter-base-mismatch", _adapter_base_mismatch, r"LoRA adapter does not fit"),
     ("selector-export-missing", _not_a_selector_export, r"no selector\.json"),
+    ("selector-empty-context", _selector_empty_context, r"example 0: the context is empty"),
+    ("selector-query-too-long", _selector_query_too_long, r"take 8\d tokens and max_position_embeddings is 64"),
     ("generate-gates-policy-without-export", _gates_policy_without_export, r"needs a retention-gate export"),
     ("generate-without-prompt", _generate_without_prompt, r"--prompt"),
     ("eval-data-missing", _eval_data_missing, r"missing\.jsonl"),

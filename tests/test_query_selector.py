@@ -110,6 +110,38 @@ def test_projected_features_and_baseline_scores():
     assert torch.allclose(scores[:, :3], expected[:, :3]) and scores[0, 3] == -math.inf
 
 
+def test_feature_width_mismatch_is_a_clear_error():
+    projected = QuerySelector(hidden_size=16, num_heads=2, feature_size=40)
+    plain = QuerySelector(hidden_size=16, num_heads=2)
+    mask, query_mask = torch.ones(1, 5, dtype=torch.bool), torch.ones(1, 3, dtype=torch.bool)
+    query = torch.randn(1, 3, 16)
+    with pytest.raises(ValueError, match="width 32; this selector expects feature_size 40"):
+        projected(torch.randn(1, 5, 32), mask, query, query_mask)
+    with pytest.raises(ValueError, match="width 40; this selector expects hidden_size 16"):
+        plain(torch.randn(1, 5, 40), mask, query, query_mask)
+    with pytest.raises(ValueError, match="query features have width 8"):
+        plain(torch.randn(1, 5, 16), mask, torch.randn(1, 3, 8), query_mask)
+
+
+def test_empty_context_and_overlong_query_name_the_example(tiny_tokenizer):
+    from tokensieve.errors import DataError
+    from tokensieve.trainers.query_selector import encode_rows
+
+    good = {"prompt": "record 1 : key k1 ? copy k1", "completion": " v1"}
+    with pytest.raises(DataError, match="train dataset, example 1: the context is empty"):
+        rows = [{"context": "record 1", "query": " ? copy k1", "completion": " v1"},
+                {"context": "", "query": " ? copy", "completion": " v"}]
+        encode_rows(Dataset.from_list(rows), tiny_tokenizer, " ?", "train")
+    with pytest.raises(DataError, match=r"example 0: the query \(and answer\) take \d+ tokens and max_length is 4"):
+        encode_rows(Dataset.from_list([good]), tiny_tokenizer, " ?", "train", max_length=4)
+    assert len(encode_rows(Dataset.from_list([good]), tiny_tokenizer, " ?", "train", max_length=64)) == 1
+    pipe = SelectorPipeline(fresh_model(tiny_tokenizer), tiny_tokenizer)  # max_position_embeddings 256
+    with pytest.raises(DataError, match="example 1: the context is empty"):
+        pipe.encode(["record 1", ""], [" ? copy", " ? copy"])
+    with pytest.raises(DataError, match="max_position_embeddings is 256"):
+        pipe.encode(["record 1"], [" ?" + " copy" * 300])
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
 def test_lm_features_and_reduced_inputs_match_the_full_model(tiny_tokenizer, architecture):
     model = fresh_model(tiny_tokenizer, architecture)

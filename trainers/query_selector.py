@@ -110,15 +110,17 @@ def attach_selector(model, selector: QuerySelector) -> QuerySelector:
     return selector
 
 
-def encode_rows(dataset, tokenizer, separator: str, dataset_name: str, answer_eos: bool = False):
+def encode_rows(dataset, tokenizer, separator: str, dataset_name: str, answer_eos: bool = False,
+                max_length: int | None = None):
     """context_ids / query_ids / answer_ids (answer, + EOS if asked) from context/query/completion or
-    prompt/completion."""
+    prompt/completion. An empty context, or a query + answer that leave no room for context within `max_length`
+    tokens, is a DataError naming the example."""
     columns = dataset.column_names
     if "completion" not in columns or not ({"context", "query"} <= set(columns) or "prompt" in columns):
         raise DataError(f"{dataset_name} dataset: a query selector needs columns context, query and completion "
                         f"(or prompt and completion); got {', '.join(columns)}")
 
-    def encode(batch):
+    def encode(batch, indices):
         contexts, queries = [], []
         for i in range(len(batch["completion"])):
             if "context" in batch and "query" in batch:
@@ -133,10 +135,25 @@ def encode_rows(dataset, tokenizer, separator: str, dataset_name: str, answer_eo
             queries.append(query)
         answers = [c + tokenizer.eos_token if answer_eos else c for c in batch["completion"]]
         encode_text = lambda texts: tokenizer(texts, add_special_tokens=False)["input_ids"]  # noqa: E731
-        return {"context_ids": encode_text(contexts), "query_ids": encode_text(queries),
-                "answer_ids": encode_text(answers)}
+        out = {"context_ids": encode_text(contexts), "query_ids": encode_text(queries),
+               "answer_ids": encode_text(answers)}
+        for index, context, query, answer in zip(indices, out["context_ids"], out["query_ids"], out["answer_ids"]):
+            check_selector_lengths(f"{dataset_name} dataset, example {index}", len(context), len(query) + len(answer),
+                                   max_length, "max_length")
+        return out
 
-    return dataset.map(encode, batched=True, remove_columns=columns, desc=f"Encoding {dataset_name} contexts")
+    return dataset.map(encode, batched=True, with_indices=True, remove_columns=columns,
+                       desc=f"Encoding {dataset_name} contexts")
+
+
+def check_selector_lengths(where: str, context_tokens: int, query_tokens: int, limit: int | None,
+                           limit_name: str) -> None:
+    """A DataError if there is no context to select from, or the query (+ answer) alone fills the length limit."""
+    if context_tokens == 0:
+        raise DataError(f"{where}: the context is empty (a query selector needs context tokens to select from)")
+    if limit is not None and query_tokens >= limit:
+        raise DataError(f"{where}: the query (and answer) take {query_tokens} tokens and {limit_name} is {limit}: "
+                        f"no room for any context (shorten the query or raise {limit_name})")
 
 
 class SelectorCollator:
@@ -183,7 +200,8 @@ class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
         self.data_collator = SelectorCollator(self.processing_class.pad_token_id)
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
-        return encode_rows(dataset, processing_class, args.query_separator, dataset_name, args.answer_eos)
+        return encode_rows(dataset, processing_class, args.query_separator, dataset_name, args.answer_eos,
+                           args.max_length)
 
     def _set_signature_columns_if_needed(self):
         self._signature_columns = ["context_ids", "query_ids", "answer_ids"]

@@ -30,7 +30,9 @@ def _base(model: nn.Module) -> nn.Module:
 def split_prompt(prompt: str, separator: str) -> tuple[str, str]:
     """(context, query): the query starts at the last `separator` of the prompt."""
     cut = prompt.rfind(separator)
-    if cut <= 0:
+    if cut == 0:
+        raise ValueError(f"the context is empty: the prompt starts with the query separator {separator!r}")
+    if cut < 0:
         raise ValueError(f"separator {separator!r} not found after the start of the prompt")
     return prompt[:cut], prompt[cut:]
 
@@ -154,11 +156,19 @@ class SelectorPipeline:
             selector.eval()
 
     def encode(self, contexts: list[str], queries: list[str]) -> dict:
+        """Padded context/query ids and masks; an empty context or a query as long as the model's position limit
+        is a DataError naming the example."""
+        from tokensieve.trainers.query_selector import check_selector_lengths
+
         device = next(self.model.parameters()).device
+        ids = {name: self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+               for name, texts in (("context", contexts), ("query", queries))}
+        limit = getattr(_base(self.model).config.get_text_config(), "max_position_embeddings", None)
+        for index, (context, query) in enumerate(zip(ids["context"], ids["query"])):
+            check_selector_lengths(f"example {index}", len(context), len(query), limit, "max_position_embeddings")
         out = {}
         for name, texts in (("context", contexts), ("query", queries)):
-            rows = [torch.tensor(ids, dtype=torch.long) for ids in
-                    self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+            rows = [torch.tensor(row, dtype=torch.long) for row in ids[name]]
             pad = self.tokenizer.pad_token_id
             out[f"{name}_ids"] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad).to(device)
             out[f"{name}_mask"] = torch.nn.utils.rnn.pad_sequence([torch.ones_like(r) for r in rows],
