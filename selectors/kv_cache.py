@@ -81,6 +81,8 @@ class RetentionLayer(DynamicLayer):
         self.pending_gate = self.pending_log_beta = None
         if deferred is not None and self.policy == "gates":
             self._deferred.append(deferred)  # the gate runs at the next eviction, once for all tokens added until then
+            if sum(hidden.shape[1] for _, hidden in self._deferred) >= self.buffer_size:
+                self._run_deferred_gate()  # so even a cache that never evicts holds at most a buffer of gate inputs
         elif log_beta is None:  # no gate, or a policy that does not read log beta
             log_beta = torch.zeros(batch, heads, length, device=device)
         positions = (self.seen + torch.arange(length, device=device)).expand(batch, heads, length)
@@ -95,15 +97,18 @@ class RetentionLayer(DynamicLayer):
         self.seen += length
         return self.keys, self.values
 
-    @property
-    def log_beta(self) -> torch.Tensor:
-        """log beta of every cached token [B, H, L]; deferred gate inputs are run through their gate first."""
+    def _run_deferred_gate(self) -> None:
         if self._deferred:
             gate = self._deferred[0][0]
             with torch.no_grad():
                 computed = gate(torch.cat([hidden for _, hidden in self._deferred], dim=1))
             self._deferred = []
             self._log_beta = torch.cat([self._log_beta, computed.float().to(self._log_beta.device)], dim=-1)
+
+    @property
+    def log_beta(self) -> torch.Tensor:
+        """log beta of every cached token [B, H, L]; deferred gate inputs are run through their gate first."""
+        self._run_deferred_gate()
         return self._log_beta
 
     @log_beta.setter

@@ -119,6 +119,27 @@ def test_every_policy_generates_within_budget(tiny_tokenizer, policy):
     assert all(layer.physical_length() <= 8 + 4 for layer in cache.layers)
 
 
+def test_cache_runs_the_gate_lazily_with_the_same_log_beta(tiny_tokenizer):
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    torch.manual_seed(1)
+    for gate in gates_of(model):  # a gate whose output varies from token to token
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    prompt = torch.randint(3, 250, (2, 21))
+    cache = RetentionCache.for_model(model, memory_size=None, buffer_size=4)  # never evicts
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, do_sample=False,
+                         past_key_values=cache)
+    assert all(sum(h.shape[1] for _, h in layer._deferred) < 4 for layer in cache.layers)  # bounded gate inputs
+    # With a cache the attention has no bias: each layer sees the hidden states of the model without gates.
+    with torch.no_grad(), gates_disabled(model):
+        hidden = model(out[:, :-1], use_cache=False, output_hidden_states=True).hidden_states
+    decoder = model.get_decoder()
+    for index, (layer, gate) in enumerate(zip(cache.layers, gates_of(model))):
+        with torch.no_grad():
+            eager = gate(decoder.layers[index].input_layernorm(hidden[index]))  # every token at once
+        torch.testing.assert_close(layer.log_beta, eager, atol=1e-5, rtol=1e-4)
+
+
 def test_generate_with_the_cache_equals_full_cache_below_the_budget(tiny_tokenizer):
     model = fresh_model(tiny_tokenizer)
     attach_gates(model, intermediate_size=16)
