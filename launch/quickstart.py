@@ -58,7 +58,7 @@ TRAINING = {
     "curate": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "curated token_mask (excess loss), then SFT on it",
                ["--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
                 "{curated}", "--data.eval_datasets", "[]"]),  # the test split has no token_mask column
-    "trim_kv": ("recipes/tiny/trim_kv.yaml", 100, "TRIM-KV retention gates", []),
+    "trim_kv": ("recipes/tiny/trim_kv.yaml", 300, "TRIM-KV retention gates", []),
     "query_selector": ("recipes/tiny/query_selector_lora.yaml", 300, "query selector + LoRA, 10% of the context",
                        ["--keep_ratio_anneal_steps", "{anneal}"]),
 }
