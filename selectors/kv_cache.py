@@ -47,6 +47,10 @@ class RetentionLayer(DynamicLayer):
         self.pending_log_beta: torch.Tensor | None = None  # log beta of the next `update`'s tokens, if known
         self.pending_gate = None  # or (gate, its input [B, q, D]) for the next `update`: log beta computed lazily
         self._deferred: list = []  # (gate, input) of the newest tokens, whose log beta nobody needed yet
+        # The newest `_tail` tokens have K and V but no position/valid/score entries yet: those are known (positions
+        # seen - tail .. seen - 1, valid, score 0, log beta 0 unless a gate gives it) and written on first read, so a
+        # decode step appends K and V only.
+        self._tail = 0
 
     @property
     def needs_attention(self) -> bool:
@@ -70,32 +74,61 @@ class RetentionLayer(DynamicLayer):
             batch, heads = key_states.shape[:2]
             device = key_states.device
             self._log_beta = torch.zeros(batch, heads, 0, device=device)
-            self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
-            self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
-            self.scores_seen = torch.zeros(batch, heads, 0, device=device)
+            self._positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+            self._valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+            self._scores_seen = torch.zeros(batch, heads, 0, device=device)
         if self._will_evict():
             self.evict(self.memory_size)
-        batch, heads, length = key_states.shape[:3]
-        device = key_states.device
+        length = key_states.shape[2]
         deferred, log_beta = self.pending_gate, self.pending_log_beta
         self.pending_gate = self.pending_log_beta = None
-        if deferred is not None and self.policy == "gates":
+        if self.policy == "gates" and (log_beta is not None or deferred is None):
+            # log beta given, or no gate ran (gates off): written now, after the tokens before these
+            self._materialize()
+            if log_beta is None:
+                log_beta = torch.zeros(*key_states.shape[:2], length, device=key_states.device)
+            self.log_beta = torch.cat([self.log_beta, log_beta.float().to(key_states.device)], dim=-1)
+        elif self.policy == "gates":
             self._deferred.append(deferred)  # the gate runs at the next eviction, once for all tokens added until then
             if sum(hidden.shape[1] for _, hidden in self._deferred) >= self.buffer_size:
                 self._run_deferred_gate()  # so even a cache that never evicts holds at most a buffer of gate inputs
-        elif log_beta is None:  # no gate, or a policy that does not read log beta
-            log_beta = torch.zeros(batch, heads, length, device=device)
-        positions = (self.seen + torch.arange(length, device=device)).expand(batch, heads, length)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        if log_beta is not None:
-            self.log_beta = torch.cat([self.log_beta, log_beta.float().to(device)], dim=-1)
-        self.positions = torch.cat([self.positions, positions], dim=-1)
-        self.valid = torch.cat([self.valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], dim=-1)
-        if self.needs_attention:
-            self.scores_seen = torch.cat([self.scores_seen, torch.zeros(batch, heads, length, device=device)], dim=-1)
         self.seen += length
+        if self.policy == "gates" and log_beta is not None:
+            self._materialize_rows(length, with_log_beta=False)  # the tail was written above: these rows follow it
+        else:
+            self._tail += length
         return self.keys, self.values
+
+    def _materialize(self) -> None:
+        """Write the position, validity, score (and for other policies zero log beta) of the newest `_tail` tokens."""
+        if self._tail:
+            length, self._tail = self._tail, 0
+            self._materialize_rows(length, with_log_beta=self.policy != "gates")
+
+    def _materialize_rows(self, length: int, with_log_beta: bool) -> None:
+        batch, heads = self.keys.shape[:2]
+        device = self.keys.device
+        positions = torch.arange(self.seen - length, self.seen, device=device).expand(batch, heads, length)
+        self._positions = torch.cat([self._positions, positions], dim=-1)
+        self._valid = torch.cat([self._valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], -1)
+        if self.needs_attention:
+            self._scores_seen = torch.cat([self._scores_seen, torch.zeros(batch, heads, length, device=device)], -1)
+        if with_log_beta:
+            self._log_beta = torch.cat([self._log_beta, torch.zeros(batch, heads, length, device=device)], dim=-1)
+
+    positions = property(lambda self: self._materialized("_positions"), lambda self, v: setattr(self, "_positions", v),
+                         doc="absolute position of every cached token [B, H, L]")
+    valid = property(lambda self: self._materialized("_valid"), lambda self, v: setattr(self, "_valid", v),
+                     doc="whether each cached token is real (False: padding) [B, H, L]")
+    scores_seen = property(lambda self: self._materialized("_scores_seen"),
+                           lambda self, v: setattr(self, "_scores_seen", v),
+                           doc="attention received so far (H2O) or at the prompt's window (SnapKV) [B, H, L]")
+
+    def _materialized(self, name: str) -> torch.Tensor:
+        self._materialize()
+        return getattr(self, name)
 
     def _run_deferred_gate(self) -> None:
         if self._deferred:
@@ -108,7 +141,7 @@ class RetentionLayer(DynamicLayer):
     @property
     def log_beta(self) -> torch.Tensor:
         """log beta of every cached token [B, H, L]; deferred gate inputs are run through their gate first."""
-        self._run_deferred_gate()
+        self._flush()
         return self._log_beta
 
     @log_beta.setter
@@ -152,6 +185,7 @@ class RetentionLayer(DynamicLayer):
         """Keep the `keep` highest-scoring tokens per (batch, kv head), in temporal order."""
         if self.physical_length() <= keep:
             return
+        self._flush()
         index = self.scores().topk(keep, dim=-1).indices.sort(dim=-1).values  # [B, H, keep]
         expanded = index[..., None].expand(-1, -1, -1, self.keys.shape[-1])
         self.keys = self.keys.gather(2, expanded)
@@ -170,7 +204,13 @@ class RetentionLayer(DynamicLayer):
             window = per_kv[:, :, -min(self.window, q):].sum(dim=2)
             self.scores_seen = F.avg_pool1d(window, kernel_size=7, stride=1, padding=3, count_include_pad=False)
 
+    def _flush(self) -> None:
+        """Run deferred gates and write the tail's rows, so every per-token field has L entries."""
+        self._run_deferred_gate()
+        self._materialize()
+
     def _select_batch(self, index) -> None:
+        self._flush()
         for name in self._fields:
             setattr(self, name, getattr(self, name)[index])
 
@@ -184,12 +224,14 @@ class RetentionLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
+            self._flush()
             for name in self._fields:
                 setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         super().reset()
         self._deferred = []
+        self._tail = 0
         self.seen = 0
         self.evictions = 0
         self.padded = False
