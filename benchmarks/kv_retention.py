@@ -39,7 +39,8 @@ def train_gates(base: str, out: Path, steps: int | None) -> Path:
                      "--save_strategy", "no", "--resume_from_checkpoint", "false"]
         if steps:
             overrides += ["--max_steps", str(steps)]
-        run_recipe("recipes/tiny/trim_kv.yaml", overrides)
+        with torch.enable_grad():  # `inference` runs under no_grad
+            run_recipe("recipes/tiny/trim_kv.yaml", overrides)
     return folder
 
 
