@@ -82,32 +82,26 @@ class RetentionLayer(DynamicLayer):
         length = key_states.shape[2]
         deferred, log_beta = self.pending_gate, self.pending_log_beta
         self.pending_gate = self.pending_log_beta = None
-        if self.policy == "gates" and (log_beta is not None or deferred is None):
-            # log beta given, or no gate ran (gates off): written now, after the tokens before these
-            self._materialize()
-            if log_beta is None:
-                log_beta = torch.zeros(*key_states.shape[:2], length, device=key_states.device)
-            self.log_beta = torch.cat([self.log_beta, log_beta.float().to(key_states.device)], dim=-1)
-        elif self.policy == "gates":
+        if self.policy == "gates" and deferred is not None and log_beta is None:
             self._deferred.append(deferred)  # the gate runs at the next eviction, once for all tokens added until then
             if sum(hidden.shape[1] for _, hidden in self._deferred) >= self.buffer_size:
                 self._run_deferred_gate()  # so even a cache that never evicts holds at most a buffer of gate inputs
+        elif self.policy == "gates":  # log beta given, or no gate ran (gates off): after the deferred tokens' own
+            self._run_deferred_gate()
+            if log_beta is None:
+                log_beta = torch.zeros(*key_states.shape[:2], length, device=key_states.device)
+            self._log_beta = torch.cat([self._log_beta, log_beta.float().to(self._log_beta.device)], dim=-1)
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.seen += length
-        if self.policy == "gates" and log_beta is not None:
-            self._materialize_rows(length, with_log_beta=False)  # the tail was written above: these rows follow it
-        else:
-            self._tail += length
+        self._tail += length
         return self.keys, self.values
 
     def _materialize(self) -> None:
         """Write the position, validity, score (and for other policies zero log beta) of the newest `_tail` tokens."""
-        if self._tail:
-            length, self._tail = self._tail, 0
-            self._materialize_rows(length, with_log_beta=self.policy != "gates")
-
-    def _materialize_rows(self, length: int, with_log_beta: bool) -> None:
+        if not self._tail:
+            return
+        length, self._tail = self._tail, 0
         batch, heads = self.keys.shape[:2]
         device = self.keys.device
         positions = torch.arange(self.seen - length, self.seen, device=device).expand(batch, heads, length)
@@ -115,7 +109,7 @@ class RetentionLayer(DynamicLayer):
         self._valid = torch.cat([self._valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], -1)
         if self.needs_attention:
             self._scores_seen = torch.cat([self._scores_seen, torch.zeros(batch, heads, length, device=device)], -1)
-        if with_log_beta:
+        if self.policy != "gates":  # log beta only matters to the gates; theirs comes from the gate or `update`
             self._log_beta = torch.cat([self._log_beta, torch.zeros(batch, heads, length, device=device)], dim=-1)
 
     positions = property(lambda self: self._materialized("_positions"), lambda self, v: setattr(self, "_positions", v),

@@ -90,7 +90,6 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         tau = args.distill_temperature
         kl = F.kl_div((student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1), log_target=True,
                       reduction="none").sum(-1) * tau**2
-        mask = torch.ones_like(ce, dtype=torch.bool)
         count = num_items_in_batch if num_items_in_batch is not None else ce.numel()
         quality = 0.5 * (ce + kl).sum() / torch.as_tensor(count).clamp(min=1)
         if args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -105,7 +104,7 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         capacity = total / count.clamp(min=1)
         steps = self.current_gradient_accumulation_steps if mode == "train" else 1
         loss = quality + args.capacity_weight * capacity / steps
-        self._record(mode, ce, kl, mask, capacity, log_beta.detach(), real)
+        self._record(mode, ce, kl, capacity, log_beta.detach(), real)
         return (loss, None) if return_outputs else loss
 
     def _adapters_off_if_trained(self, unwrapped):
@@ -115,9 +114,10 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         return contextlib.nullcontext()
 
     @torch.no_grad()
-    def _record(self, mode, ce, kl, mask, capacity, log_beta, real) -> None:
+    def _record(self, mode, ce, kl, capacity, log_beta, real) -> None:
+        """ce and kl: one entry per scored (response) token."""
         args = self.args
-        tokens = mask.sum().clamp(min=1)
+        tokens = max(ce.numel(), 1)
         beta = log_beta.exp()
         layers = len(attention_modules(self.accelerator.unwrap_model(self.model)))
         valid = torch.ones_like(beta, dtype=torch.bool) if real is None else real.bool()[:, None, :].expand_as(beta)
@@ -127,7 +127,7 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
         final = torch.exp(age * log_beta)
         expected = (final * valid).sum(-1)  # S at the last real token, per (batch, layer-head)
         stats = {
-            "ce": (ce * mask).sum() / tokens, "kl": (kl * mask).sum() / tokens, "capacity_loss": capacity,
+            "ce": ce.sum() / tokens, "kl": kl.sum() / tokens, "capacity_loss": capacity,
             "retained_over_memory": (expected / args.memory_size).mean(),
             "beta_mean": beta[valid].mean(),
             "forgotten_fraction": ((final < 0.01) & valid).sum() / valid.sum().clamp(min=1),
