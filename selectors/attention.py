@@ -66,17 +66,20 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
     batch, heads, q, dim = query.shape
     kv_heads, length = key.shape[1], key.shape[2]
     groups = heads // kv_heads
-    steps = torch.arange(q, device=query.device)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         # The mask's diagonal says which new tokens are real (left padding shows up there).
+        steps = torch.arange(q, device=query.device)
         real = attention_mask[:, 0, steps, length - q + steps]
-        layer.valid[:, :, length - q:] = real[:, None, :]
-        layer.padded = layer.padded or not bool(real.all())
-    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # a kv head's query heads as extra rows (GQA)
+        if layer.padded or not bool(real.all()):
+            layer.valid[:, :, length - q:] = real[:, None, :]
+            layer.padded = True
     if q == 1 and not layer.padded and not layer.needs_attention:
-        # Decoding without padding: every cached token is visible, no mask needed (the fast path).
-        output = F.scaled_dot_product_attention(grouped, key, value, scale=scaling)
-        return output.view(batch, heads, q, dim).transpose(1, 2).contiguous(), None
+        # Decoding without padding: every cached token is visible, no mask needed (the fast path). The same sdpa call
+        # as transformers' own sdpa attention makes for a maskless decode step (GQA inside the kernel).
+        output = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=groups > 1)
+        return output.transpose(1, 2).contiguous(), None
+    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # a kv head's query heads as extra rows (GQA)
+    steps = torch.arange(q, device=query.device)
     allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
     if q > 1:
         allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal
@@ -110,20 +113,22 @@ def retention_attention(module, query, key, value, attention_mask, scaling=None,
 
 def _gate_hook(module, args, kwargs):
     """Before each attention call: run the gate on the attention input and tell the cache or the bias about it."""
+    # Runs once per layer and decoded token: state goes straight into the module's __dict__ (nn.Module.__setattr__
+    # checks parameters, buffers and submodules on every call, a visible cost at decode).
+    state = module.__dict__
     cache = kwargs.get("past_key_values")
-    gate = module.retention_gate if getattr(module, "_retention_enabled", True) else None
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    module._retention_cache_layer = None
-    module._retention_log_beta = None
+    state["_retention_cache_layer"] = state["_retention_log_beta"] = None
     if cache is not None and not isinstance(cache, RetentionCache):
         return None  # another cache: the original attention, the gate is not needed
+    gate = module._modules["retention_gate"] if state.get("_retention_enabled", True) else None
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if cache is not None:
         # The cache runs the gate when it next evicts, once for all the tokens added since (decoding runs no gate).
         layer = cache.layers[module.layer_idx]
-        layer.pending_gate = None if gate is None else (gate, hidden.detach())
-        module._retention_cache_layer = layer
+        layer.pending_gate = None if gate is None else (gate, hidden.detach() if hidden.requires_grad else hidden)
+        state["_retention_cache_layer"] = layer
     else:
-        module._retention_log_beta = None if gate is None else gate(hidden)  # with its graph: the capacity loss
+        state["_retention_log_beta"] = None if gate is None else gate(hidden)  # with its graph: the capacity loss
 
 
 AttentionInterface.register(ATTENTION_NAME, retention_attention)

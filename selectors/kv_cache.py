@@ -47,6 +47,7 @@ class RetentionLayer(DynamicLayer):
         self.pending_log_beta: torch.Tensor | None = None  # log beta of the next `update`'s tokens, if known
         self.pending_gate = None  # or (gate, its input [B, q, D]) for the next `update`: log beta computed lazily
         self._deferred: list = []  # (gate, input) of the newest tokens, whose log beta nobody needed yet
+        self._deferred_tokens = 0
         # The newest `_tail` tokens have K and V but no position/valid/score entries yet: those are known (positions
         # seen - tail .. seen - 1, valid, score 0, log beta 0 unless a gate gives it) and written on first read, so a
         # decode step appends K and V only.
@@ -58,8 +59,10 @@ class RetentionLayer(DynamicLayer):
 
     @property
     def _fields(self) -> tuple[str, ...]:
-        """The per-token tensors, all [B, H, L] but K and V; attention scores only for the policies that read them."""
-        fields = ("keys", "values", "log_beta", "positions", "valid")
+        """The per-token tensors, all [B, H, L] but K and V; validity once padding was seen, attention scores only
+        for the policies that read them."""
+        fields = ("keys", "values", "log_beta", "positions")
+        fields += ("valid",) if self._valid is not None else ()
         return fields + ("scores_seen",) if self.needs_attention else fields
 
     def physical_length(self) -> int:
@@ -75,7 +78,7 @@ class RetentionLayer(DynamicLayer):
             device = key_states.device
             self._log_beta = torch.zeros(batch, heads, 0, device=device)
             self._positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
-            self._valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+            self._valid = None  # every token is real until padding shows up (then a [B, H, L] mask)
             self._scores_seen = torch.zeros(batch, heads, 0, device=device)
         if self._will_evict():
             self.evict(self.memory_size)
@@ -84,7 +87,8 @@ class RetentionLayer(DynamicLayer):
         self.pending_gate = self.pending_log_beta = None
         if self.policy == "gates" and deferred is not None and log_beta is None:
             self._deferred.append(deferred)  # the gate runs at the next eviction, once for all tokens added until then
-            if sum(hidden.shape[1] for _, hidden in self._deferred) >= self.buffer_size:
+            self._deferred_tokens += length
+            if self._deferred_tokens >= self.buffer_size:
                 self._run_deferred_gate()  # so even a cache that never evicts holds at most a buffer of gate inputs
         elif self.policy == "gates":  # log beta given, or no gate ran (gates off): after the deferred tokens' own
             self._run_deferred_gate()
@@ -106,7 +110,8 @@ class RetentionLayer(DynamicLayer):
         device = self.keys.device
         positions = torch.arange(self.seen - length, self.seen, device=device).expand(batch, heads, length)
         self._positions = torch.cat([self._positions, positions], dim=-1)
-        self._valid = torch.cat([self._valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], -1)
+        if self._valid is not None:
+            self._valid = torch.cat([self._valid, torch.ones(batch, heads, length, dtype=torch.bool, device=device)], -1)
         if self.needs_attention:
             self._scores_seen = torch.cat([self._scores_seen, torch.zeros(batch, heads, length, device=device)], -1)
         if self.policy != "gates":  # log beta only matters to the gates; theirs comes from the gate or `update`
@@ -114,7 +119,7 @@ class RetentionLayer(DynamicLayer):
 
     positions = property(lambda self: self._materialized("_positions"), lambda self, v: setattr(self, "_positions", v),
                          doc="absolute position of every cached token [B, H, L]")
-    valid = property(lambda self: self._materialized("_valid"), lambda self, v: setattr(self, "_valid", v),
+    valid = property(lambda self: self._valid_mask(), lambda self, v: setattr(self, "_valid", v),
                      doc="whether each cached token is real (False: padding) [B, H, L]")
     scores_seen = property(lambda self: self._materialized("_scores_seen"),
                            lambda self, v: setattr(self, "_scores_seen", v),
@@ -124,12 +129,18 @@ class RetentionLayer(DynamicLayer):
         self._materialize()
         return getattr(self, name)
 
+    def _valid_mask(self) -> torch.Tensor:
+        self._materialize()
+        if self._valid is None:  # first read: all real so far; kept from now on
+            self._valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
+        return self._valid
+
     def _run_deferred_gate(self) -> None:
         if self._deferred:
             gate = self._deferred[0][0]
             with torch.no_grad():
                 computed = gate(torch.cat([hidden for _, hidden in self._deferred], dim=1))
-            self._deferred = []
+            self._deferred, self._deferred_tokens = [], 0
             self._log_beta = torch.cat([self._log_beta, computed.float().to(self._log_beta.device)], dim=-1)
 
     @property
@@ -158,22 +169,20 @@ class RetentionLayer(DynamicLayer):
 
     def scores(self) -> torch.Tensor:
         """The eviction score of every cached token [B, H, L]: the highest `memory_size` stay."""
-        age = (self.seen - self.positions).float()  # t + 1 - pos, t = seen - 1
-        recent = self.positions >= self.seen - max(self.recent_size, 1)
         if self.policy == "gates":
-            score = age * self.log_beta
+            score = (self.seen - self.positions) * self.log_beta  # (t + 1 - pos) log beta, t = seen - 1
         elif self.policy == "streaming":
             rank = self.valid.long().cumsum(dim=-1)  # 1-based rank among real tokens, in temporal order
             score = self.positions.float().masked_fill(self.valid & (rank <= self.sink_tokens), math.inf)
         elif self.policy == "h2o":
-            score = self.scores_seen.masked_fill(recent, math.inf)
+            score = self.scores_seen.masked_fill(self.positions >= self.seen - max(self.recent_size, 1), math.inf)
         elif self.policy == "snapkv":
             score = self.scores_seen.masked_fill(self.positions >= self.seen - self.window, math.inf)
         elif self.policy == "knorm":
             score = -self.keys.float().norm(dim=-1)
         else:
-            score = torch.rand(self.valid.shape, generator=self.generator).to(self.valid.device)
-        return score.masked_fill(~self.valid, -math.inf)
+            score = torch.rand(self.positions.shape, generator=self.generator).to(self.positions.device)
+        return score.masked_fill(~self.valid, -math.inf) if self.padded else score
 
     def evict(self, keep: int) -> None:
         """Keep the `keep` highest-scoring tokens per (batch, kv head), in temporal order."""
@@ -224,7 +233,7 @@ class RetentionLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self._deferred = []
+        self._deferred, self._deferred_tokens = [], 0
         self._tail = 0
         self.seen = 0
         self.evictions = 0

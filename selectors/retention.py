@@ -35,7 +35,12 @@ class RetentionGate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         x = hidden_states.to(self.up.weight.dtype)
-        logits = self.down(self.act(self.up(x))) + self.bias
+        if type(self.up) is nn.Linear and type(self.down) is nn.Linear:
+            # Functional calls: at decode the gate runs on a buffer of a few tokens, where the cost of calling
+            # modules is most of its time. (A wrapped up/down, e.g. with LoRA adapters, goes through its module.)
+            logits = F.linear(self.act(F.linear(x, self.up.weight, self.up.bias)), self.down.weight, self.bias)
+        else:
+            logits = self.down(self.act(self.up(x))) + self.bias
         return F.logsigmoid(logits.float()).transpose(1, 2)  # [B, H_kv, T]
 
 

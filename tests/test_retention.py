@@ -61,6 +61,15 @@ def test_capacity_loss_chunks_agree_and_have_gradients():
         capacity_loss(log_beta, 0)
 
 
+def test_gate_output_is_its_modules_composed():
+    torch.manual_seed(0)
+    gate = RetentionGate(hidden_size=16, num_kv_heads=2, intermediate_size=8, bias_init=1.0)
+    torch.nn.init.normal_(gate.down.weight, std=0.5)
+    x = torch.randn(3, 5, 16)
+    expected = torch.nn.functional.logsigmoid(gate.down(gate.act(gate.up(x))) + gate.bias).transpose(1, 2)
+    torch.testing.assert_close(gate(x), expected)
+
+
 def test_gate_starts_near_one():
     gate = RetentionGate(hidden_size=16, num_kv_heads=2, intermediate_size=8)
     log_beta = gate(torch.randn(3, 5, 16))
@@ -150,6 +159,25 @@ def test_generate_with_the_cache_equals_full_cache_below_the_budget(tiny_tokeniz
     cache = RetentionCache.for_model(model, memory_size=64)
     bounded = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
     assert torch.equal(full, bounded)
+
+
+@pytest.mark.parametrize("policy", ["gates", "random", "knorm"])
+def test_left_padding_is_evicted_first(tiny_tokenizer, policy):
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    for gate in gates_of(model):
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    prompt = torch.randint(3, 250, (2, 20))
+    mask = torch.ones_like(prompt)
+    prompt[1, :6], mask[1, :6] = tiny_tokenizer.pad_token_id, 0  # left padding
+    options = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10)
+    cache = RetentionCache.for_model(model, memory_size=8, buffer_size=4, policy=policy)
+    batch = model.generate(prompt, attention_mask=mask, past_key_values=cache, **options)
+    assert all(layer.valid.all() for layer in cache.layers)  # 14 real tokens > 8 kept: no padding left
+    if policy == "gates":  # and the padded row decodes as it does alone
+        alone = model.generate(prompt[1:, 6:], attention_mask=mask[1:, 6:], **options,
+                               past_key_values=RetentionCache.for_model(model, memory_size=8, buffer_size=4))
+        assert torch.equal(batch[1, 6:], alone[0])
 
 
 def tiny_rows(n=24):
