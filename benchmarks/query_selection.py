@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from common import REPO, environment, environment_lines, pyplot, run_recipe
 
@@ -41,6 +42,14 @@ def train(base: str, folder: Path, steps: int | None, extra: list[str],
             overrides += ["--max_steps", str(steps)]
         run_recipe(recipe, overrides)
     return folder
+
+
+def trained_seed(export: Path) -> int | None:
+    """The training seed of a selector export, from the recipe.yaml training wrote next to it (None if absent)."""
+    recipe = export / "recipe.yaml"
+    if not recipe.is_file():
+        return None
+    return (yaml.safe_load(recipe.read_text()).get("training") or {}).get("seed", 42)  # 42: transformers' default
 
 
 def load_rows(n: int | None, separator: str) -> tuple[list[str], list[str], list[str]]:
@@ -72,7 +81,9 @@ def accuracy(args) -> None:
         pipe_lora = load_selector_pipeline(lora)
     rows = [json.loads(line) for line in TEST.open()][: args.test_examples]
     prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
-    results = {"environment": environment(), "base": args.base, "learned": str(learned), "fixed": str(fixed),
+    seeds = {trained_seed(folder) for folder in (learned, fixed, lora if args.lora else None) if folder is not None}
+    results = {"environment": environment(sorted(seeds - {None}) or (0,)), "base": args.base, "learned": str(learned),
+               "fixed": str(fixed),
                "lora": str(lora) if args.lora else None,
                "ratios": args.ratios, "examples": len(rows), "rows": {}}
 

@@ -89,6 +89,9 @@ def launch(recipe_path, overrides=None):
         from tokensieve.launch.run import run_training
 
         return run_training(recipe)
+    from tokensieve.launch.run import check_trackers
+
+    check_trackers(recipe.training)  # here, before any process starts
     argv = build_accelerate_args(recipe_path, recipe.launch, overrides)
     if is_cpu_deepspeed(recipe.launch.profile or default_profile()):
         os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by the processes accelerate starts

@@ -9,7 +9,7 @@ from transformers import set_seed
 from tokensieve.data.formats import detect_format, is_conversational
 from tokensieve.data.loading import load_splits
 from tokensieve.data.tokenize import tokenize_prompt_completion
-from tokensieve.errors import ModelError
+from tokensieve.errors import ModelError, TokensieveError
 from tokensieve.launch.methods import METHODS
 from tokensieve.launch.model import apply_peft, load_model_and_tokenizer
 from tokensieve.launch.recipe import Recipe
@@ -56,6 +56,26 @@ def resolve_checkpoint(training) -> str | None:
     return value
 
 
+def check_trackers(training) -> None:
+    """Fail before any work when `report_to` asks for W&B and W&B cannot log in (its callback would only fail when
+    training starts, after the data and model are loaded). Offline and disabled modes need no login."""
+    if "wandb" not in (training.report_to or []):
+        return
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise TokensieveError("training.report_to includes wandb, which is not installed: pip install 'tokensieve[wandb]'"
+                              " (or drop wandb from report_to)") from None
+    try:
+        wandb.login(verify=False)  # the key from WANDB_API_KEY or `wandb login`; prompts only on a terminal
+    except wandb.errors.UsageError as error:
+        raise TokensieveError(
+            f"training.report_to includes wandb, but W&B cannot log in ({error}). Set WANDB_API_KEY or run "
+            "`wandb login`; or set WANDB_MODE=offline to log to ./wandb; or drop wandb from report_to") from None
+
+
 def run_training(recipe: Recipe, callbacks=()):
     """Train as `recipe` says, in the current process (or as one rank of an accelerate launch).
 
@@ -64,6 +84,8 @@ def run_training(recipe: Recipe, callbacks=()):
     trainer's TrainOutput (global_step, training_loss, metrics).
     """
     args = recipe.training
+    if args.process_index == 0:  # the rank that logs
+        check_trackers(args)
     set_seed(args.seed)  # the from-scratch initialisation and the LoRA init depend on it
     splits = load_splits(recipe.data)
     train_dataset, eval_dataset = splits["train"], splits.get("test")

@@ -258,6 +258,14 @@ def _curate_bad_scorer(t, tok):
     return ["curate", str(path)]
 
 
+def _wandb_without_login(t, tok):
+    import wandb
+
+    wandb.teardown()  # forget the offline mode the tests run in (wandb keeps its settings once set up)
+    env = {"WANDB_MODE": None, "WANDB_API_KEY": None, "HOME": str(t), "NETRC": str(t / "no-netrc")}
+    return ["train", str(recipe(t, training={"report_to": ["wandb"]}))], env
+
+
 CASES = [
     ("recipe-unknown-section", _unknown_section, r"unknown key 'extras'"),
     ("recipe-unknown-key", _unknown_training_key, r"training\.learnin_rate.*learning_rate"),
@@ -296,12 +304,17 @@ CASES = [
     ("data-make-unknown-task", _data_make_unknown_task, r"sudoku"),
     ("resume-folder-missing", _resume_folder_missing, r"no-checkpoint"),
     ("curate-unknown-scorer", _curate_bad_scorer, r"curate: scorer must be one of"),
+    ("report-to-wandb-without-login", _wandb_without_login, r"report_to includes wandb, but W&B cannot log in"),
 ]
 
 
 @pytest.mark.parametrize("case, build, pattern", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_clear_line_and_exit_2(case, build, pattern, tmp_path, tiny_tokenizer, capsys):
+def test_bad_input_is_one_clear_line_and_exit_2(case, build, pattern, tmp_path, tiny_tokenizer, capsys, monkeypatch):
     argv = build(tmp_path, tiny_tokenizer)
+    if isinstance(argv, tuple):  # (argv, environment variables to set, or to unset where None)
+        argv, env = argv
+        for key, value in env.items():
+            monkeypatch.delenv(key, raising=False) if value is None else monkeypatch.setenv(key, value)
     assert main(argv) == 2, case
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
