@@ -80,7 +80,10 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
         return output.transpose(1, 2).contiguous(), None
     grouped = query.reshape(batch, kv_heads, groups * q, dim)  # a kv head's query heads as extra rows (GQA)
     steps = torch.arange(q, device=query.device)
-    allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
+    if layer.padded:
+        allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
+    else:  # every cached token is real (and the cache keeps no validity until padding shows up)
+        allowed = torch.ones(batch, kv_heads, q, length, dtype=torch.bool, device=query.device)
     if q > 1:
         allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal
     allowed[:, :, steps, length - q + steps] = True  # a padding query attends to itself (its output is unused)

@@ -199,6 +199,7 @@ class RetentionLayer(DynamicLayer):
 
     def observe(self, probs: torch.Tensor, groups: int) -> None:
         """Attention probabilities of this step [B, H_q, q, L] feed the H2O and SnapKV scores."""
+        self._materialize()  # the scores of every cached token, the newest included, are written below
         batch, heads, q, length = probs.shape
         per_kv = probs.float().view(batch, heads // groups, groups, q, length).sum(dim=2)  # [B, H_kv, q, L]
         if self.policy == "h2o":
