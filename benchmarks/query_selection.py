@@ -83,8 +83,7 @@ def accuracy(args) -> None:
     prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     seeds = {trained_seed(folder) for folder in (learned, fixed, lora if args.lora else None) if folder is not None}
     results = {"environment": environment(sorted(seeds - {None}) or (0,)), "base": args.base, "learned": str(learned),
-               "fixed": str(fixed),
-               "lora": str(lora) if args.lora else None,
+               "fixed": str(fixed), "lora": str(lora) if args.lora else None,
                "ratios": args.ratios, "examples": len(rows), "rows": {}}
 
     def record(name, column, pipeline, **select):
