@@ -165,7 +165,8 @@ def inference(args) -> None:
             names = list(caches)
             with torch.no_grad():
                 for step in range(args.decode_tokens):
-                    for name in names[step % 3:] + names[:step % 3]:
+                    first = step % len(names)
+                    for name in names[first:] + names[:first]:
                         start = time.perf_counter()
                         logits = model(input_ids=ids[name], past_key_values=caches[name], use_cache=True).logits
                         ids[name] = logits[:, -1:].argmax(-1)

@@ -71,8 +71,8 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
         steps = torch.arange(q, device=query.device)
         real = attention_mask[:, 0, steps, length - q + steps]
         if layer.padded or not bool(real.all()):
+            layer.padded = True  # first, so that the layer keeps the validity written here
             layer.valid[:, :, length - q:] = real[:, None, :]
-            layer.padded = True
     if q == 1 and not layer.padded and not layer.needs_attention:
         # Decoding without padding: every cached token is visible, no mask needed (the fast path). The same sdpa call
         # as transformers' own sdpa attention makes for a maskless decode step (GQA inside the kernel).
@@ -80,10 +80,7 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
         return output.transpose(1, 2).contiguous(), None
     grouped = query.reshape(batch, kv_heads, groups * q, dim)  # a kv head's query heads as extra rows (GQA)
     steps = torch.arange(q, device=query.device)
-    if layer.padded:
-        allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
-    else:  # every cached token is real (and the cache keeps no validity until padding shows up)
-        allowed = torch.ones(batch, kv_heads, q, length, dtype=torch.bool, device=query.device)
+    allowed = layer.valid[:, :, None, :].expand(-1, -1, q, -1).clone()  # [B, H_kv, q, L]
     if q > 1:
         allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal
     allowed[:, :, steps, length - q + steps] = True  # a padding query attends to itself (its output is unused)

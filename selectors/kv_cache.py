@@ -130,10 +130,14 @@ class RetentionLayer(DynamicLayer):
         return getattr(self, name)
 
     def _valid_mask(self) -> torch.Tensor:
+        """Validity is stored once padding was seen; until then every cached token is real."""
         self._materialize()
-        if self._valid is None:  # first read: all real so far; kept from now on
-            self._valid = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
-        return self._valid
+        if self._valid is not None:
+            return self._valid
+        mask = torch.ones(self.keys.shape[:3], dtype=torch.bool, device=self.keys.device)
+        if self.padded:  # the first padding: kept (and written to) from now on
+            self._valid = mask
+        return mask
 
     def _run_deferred_gate(self) -> None:
         if self._deferred:
