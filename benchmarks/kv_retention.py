@@ -4,7 +4,8 @@
     python benchmarks/kv_retention.py inference [--memory-size 32]
     python benchmarks/kv_retention.py training  [--steps 20]
 
-accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml (unless --gates names an export), then
+accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml and fine-tuned with eviction by
+recipes/tiny/trim_kv_evict.yaml (unless --gates names an export; the soft stage alone is a row of its own), then
 every policy answers the mqar and needle-qa test splits with greedy decoding from a RetentionCache: the prompt is
 prefilled in chunks of `buffer` tokens and after each chunk the cache is cut back to M = budget x mean prompt
 length tokens per (layer, kv head) (buffer = max(1, M // 4)). Policies: gates (TRIM-KV), streaming (StreamingLLM,
@@ -30,18 +31,22 @@ from common import REPO, environment, environment_lines, pyplot, run_recipe, ste
 TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
 MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
 POLICIES = ["gates", "streaming", "h2o", "snapkv", "knorm", "random"]
+SOFT_ROW = "gates, soft stage only"
 
 
-def train_gates(base: str, out: Path, steps: int | None) -> Path:
-    folder = out / "gates"
-    if not (folder / "gates.json").exists():
-        overrides = ["--model.name_or_path", base, "--training.output_dir", str(folder), "--report_to", "none",
-                     "--save_strategy", "no", "--resume_from_checkpoint", "false"]
-        if steps:
-            overrides += ["--max_steps", str(steps)]
-        with torch.enable_grad():  # `inference` runs under no_grad
-            run_recipe("recipes/tiny/trim_kv.yaml", overrides)
-    return folder
+def train_gates(base: str, out: Path, steps: int | None) -> tuple[Path, Path]:
+    """The two stages of the tiny recipe: soft gates in out/gates, fine-tuned with eviction in out/gates_evict."""
+    soft, evict = out / "gates", out / "gates_evict"
+    common = ["--model.name_or_path", base, "--report_to", "none", "--save_strategy", "no",
+              "--resume_from_checkpoint", "false"]
+    with torch.enable_grad():  # `inference` runs under no_grad
+        if not (soft / "gates.json").exists():
+            run_recipe("recipes/tiny/trim_kv.yaml", common + ["--training.output_dir", str(soft)]
+                       + (["--max_steps", str(steps)] if steps else []))
+        if not (evict / "gates.json").exists():
+            run_recipe("recipes/tiny/trim_kv_evict.yaml", common + ["--training.output_dir", str(evict),
+                                                                    "--init_gates", str(soft)])
+    return soft, evict
 
 
 def read_rows(path: Path, n: int | None) -> list[dict]:
@@ -56,10 +61,17 @@ def accuracy(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)
+    if args.gates:
+        gates, soft = Path(args.gates), None
+    else:
+        soft, gates = train_gates(args.base, out, args.train_steps)
     model, tokenizer = load_retention_model(gates)
-    results = {"environment": environment(), "gates": str(gates), "base": args.base, "budgets": args.budgets,
-               "tasks": {}}
+    # Each row: (name, model, eviction policy). The soft stage's gates alone, when the benchmark trained both stages.
+    arms = [(policy, model, policy) for policy in POLICIES]
+    if soft is not None:
+        arms.insert(1, (SOFT_ROW, load_retention_model(soft)[0], "gates"))
+    results = {"environment": environment(), "gates": str(gates), "soft_gates": soft and str(soft), "base": args.base,
+               "budgets": args.budgets, "tasks": {}}
     for task, path in TASKS.items():
         rows = read_rows(path, args.test_examples)
         prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
@@ -71,14 +83,14 @@ def accuracy(args) -> None:
             memory = max(1, round(fraction * context))
             buffer = max(1, memory // 4)
             scores = {}
-            for policy in POLICIES:
-                def make_cache(policy=policy):
-                    return RetentionCache.for_model(model, memory, buffer, policy)
+            for name, arm_model, policy in arms:
+                def make_cache(arm_model=arm_model, policy=policy):
+                    return RetentionCache.for_model(arm_model, memory, buffer, policy)
 
-                scores[policy], _ = exact_match(model, tokenizer, prompts, answers, make_cache=make_cache,
-                                                desc=f"{task} {policy} {fraction}")
-                print(f"[kv_retention] {task} budget {fraction:.0%} (M={memory}, buffer={buffer}) {policy}: "
-                      f"{scores[policy]:.3f}", flush=True)
+                scores[name], _ = exact_match(arm_model, tokenizer, prompts, answers, make_cache=make_cache,
+                                              desc=f"{task} {name} {fraction}")
+                print(f"[kv_retention] {task} budget {fraction:.0%} (M={memory}, buffer={buffer}) {name}: "
+                      f"{scores[name]:.3f}", flush=True)
             entry["budgets"][str(fraction)] = {"memory_size": memory, "buffer_size": buffer, "exact_match": scores}
         results["tasks"][task] = entry
         (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -87,8 +99,9 @@ def accuracy(args) -> None:
 
 def write_accuracy_report(out: Path, results: dict) -> None:
     lines = ["# KV retention: exact match vs KV budget", ""] + environment_lines(results["environment"]) + [
-        f"Gates: `{results['gates']}`. Budget = M / mean prompt length; the prompt is prefilled in chunks of "
-        f"`buffer` tokens and each layer keeps M tokens per kv head after every eviction.", ""]
+        f"Gates: `{results['gates']}`" + (f" (soft stage: `{results['soft_gates']}`)" if results.get("soft_gates") else "")
+        + ". Budget = M / mean prompt length; the prompt is prefilled in chunks of `buffer` tokens and each layer "
+        "keeps M tokens per kv head after every eviction.", ""]
     plt = pyplot()
     figure, axes = plt.subplots(1, len(results["tasks"]), figsize=(5 * len(results["tasks"]), 3.6), squeeze=False)
     for axis, (task, entry) in zip(axes[0], results["tasks"].items()):
@@ -97,7 +110,7 @@ def write_accuracy_report(out: Path, results: dict) -> None:
                   "", "| policy | " + " | ".join(f"{float(b):.0%} (M={entry['budgets'][b]['memory_size']})"
                                                   for b in budgets) + " |",
                   "|---|" + "---|" * len(budgets)]
-        for policy in POLICIES:
+        for policy in entry["budgets"][budgets[0]]["exact_match"]:
             values = [entry["budgets"][b]["exact_match"][policy] for b in budgets]
             lines.append(f"| {policy} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
             axis.plot([float(b) for b in budgets], values, marker="o", label=policy)
@@ -123,7 +136,7 @@ def inference(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)
+    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)[1]
     model, tokenizer = load_retention_model(gates)
     memory, buffer = args.memory_size, max(1, args.memory_size // 4)
     vocab = model.config.vocab_size
@@ -232,25 +245,28 @@ def training(args) -> None:
               "--data.datasets", json.dumps([{"path": str(MQAR_TRAIN), "columns": ["prompt", "completion"]}])]
     times = {}
     for _ in range(args.repeats):  # alternate the two, so drift on a shared machine hits both
-        for name in ("lora_sft", "gates"):
+        for name in ("lora_sft", "gates", "gates_evict"):
             timer = step_timer()
             with tempfile.TemporaryDirectory() as tmp:
-                if name == "gates":
-                    run_recipe("recipes/tiny/trim_kv.yaml", common + ["--training.output_dir", tmp], [timer])
+                if name.startswith("gates"):
+                    evict = ["--train_with_eviction", str(name == "gates_evict").lower()]
+                    run_recipe("recipes/tiny/trim_kv.yaml", common + evict + ["--training.output_dir", tmp], [timer])
                 else:
                     run_recipe("recipes/tiny/sstoken.yaml", common + [
                         "--model.from_scratch", "null", "--training.output_dir", tmp, "--token_scorer", "none",
                         "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.target_modules", "all-linear"], [timer])
             times.setdefault(name, []).append(timer.median())
     ratio = min(times["gates"]) / min(times["lora_sft"])
-    results = {"environment": environment(), "step_seconds": times, "ratio": ratio}
+    ratio_evict = min(times["gates_evict"]) / min(times["lora_sft"])
+    results = {"environment": environment(), "step_seconds": times, "ratio": ratio, "ratio_evict": ratio_evict}
     (out / "training.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# Gate training step time vs LoRA SFT", ""] + environment_lines(results["environment"]) + [
         f"Same base, mqar rows, batch 16; median step of {args.steps} steps, best of {args.repeats} alternating runs.",
         "", "| run | step (s) |", "|---|---|",
         f"| LoRA SFT (r16, all linear) | {min(times['lora_sft']):.4f} |",
         f"| retention gates (teacher + student forward, CE + KL + capacity) | {min(times['gates']):.4f} |",
-        "", f"Ratio gates / LoRA SFT: {ratio:.2f}"]
+        f"| retention gates, train_with_eviction (a second attention per layer) | {min(times['gates_evict']):.4f} |",
+        "", f"Ratio gates / LoRA SFT: {ratio:.2f}; with eviction: {ratio_evict:.2f}"]
     (out / "training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -272,7 +288,7 @@ def main() -> None:
     t.add_argument("--repeats", type=int, default=2)
     for sub in (a, i, t):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
-        sub.add_argument("--gates", default=None, help="a gates export (default: train one into --out/gates)")
+        sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")
         sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/kv_retention"))
     args = parser.parse_args()

@@ -15,6 +15,7 @@ Stages, each in its own folder under --out (a stage is finished when its stage.j
 The token-selection stages fine-tune every weight, as the benchmark does (LoRA r16 on this 1M-parameter base stayed
 at exact match 0.01 after 150 steps where full fine-tuning reached 0.085); `--lora` trains LoRA adapters instead.
     trim_kv         TRIM-KV retention gates on the frozen base (recipes/tiny/trim_kv.yaml)
+    trim_kv_evict   those gates fine-tuned with straight-through eviction (recipes/tiny/trim_kv_evict.yaml)
     query_selector  a QTSplus-style query selector trained with LoRA adapters, fixed 10% of the context
                     (recipes/tiny/query_selector_lora.yaml: the frozen tiny base cannot answer from a context with gaps)
     reload          every export loaded again in a fresh `tokensieve eval` process: exact match on the test splits
@@ -46,7 +47,7 @@ LORA = ["--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0
         "all-linear"]
 TOKEN_BATCH = 32  # per_device_train_batch_size of the recipes/tiny token-selection recipes
 TOKEN_STEPS = 200
-# name -> (recipe, default max_steps, what it is, extra overrides); {reference} and {curated} are filled in.
+# name -> (recipe, default max_steps, what it is, extra overrides); the {placeholders} are filled in by _stage_training.
 TRAINING = {
     "reference": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "SFT on clean noisy-sft (the reference)",
                   ["--token_scorer", "none", "--data.datasets.0.path", "{clean}"]),
@@ -59,6 +60,8 @@ TRAINING = {
                ["--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
                 "{curated}", "--data.eval_datasets", "[]"]),  # the test split has no token_mask column
     "trim_kv": ("recipes/tiny/trim_kv.yaml", 300, "TRIM-KV retention gates", []),
+    "trim_kv_evict": ("recipes/tiny/trim_kv_evict.yaml", 100, "the gates fine-tuned with eviction",
+                      ["--init_gates", "{trim_kv}"]),
     "query_selector": ("recipes/tiny/query_selector_lora.yaml", 300, "query selector + LoRA, 10% of the context",
                        ["--keep_ratio_anneal_steps", "{anneal}"]),
 }
@@ -228,14 +231,15 @@ class Quickstart:
         recipe = REPO_ROOT / recipe_name
         steps = self._steps(default_steps)
         fill = {"reference": str(self.out / "reference"), "clean": str(self.clean_train),
-                "curated": str(self.out / "curate" / "curated.parquet"), "anneal": str(max(steps * 2 // 3, 1))}
+                "curated": str(self.out / "curate" / "curated.parquet"), "anneal": str(max(steps * 2 // 3, 1)),
+                "trim_kv": str(self.out / "trim_kv")}
         overrides = data_overrides(recipe, self.data_folders) + [x.format(**fill) for x in extra] + [
             "--training.output_dir", str(folder), "--max_steps", str(steps), "--logging_steps", str(max(steps // 5, 1)),
             "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[wandb]",
             "--run_name", f"quickstart-{name}", "--model.name_or_path", self.base]
-        if name in ("trim_kv", "query_selector"):
-            files = ("gates.json", "gates.safetensors") if name == "trim_kv" else ("selector.json",
-                                                                                  "selector.safetensors")
+        if name in ("trim_kv", "trim_kv_evict", "query_selector"):
+            files = ("gates.json", "gates.safetensors") if name != "query_selector" else ("selector.json",
+                                                                                         "selector.safetensors")
         elif self.lora:
             overrides += ["--model.from_scratch", "null", *LORA]
             files = ("adapter_config.json", "adapter_model.safetensors")
@@ -288,6 +292,7 @@ class Quickstart:
         runs += [(name, str(self.out / name), [tests["noisy-sft"]], [])
                  for name in ("reference", "sft", "rho1", "prior", "sstoken", "curate")]
         runs += [("trim_kv", str(self.out / "trim_kv"), recall, []),
+                 ("trim_kv_evict", str(self.out / "trim_kv_evict"), recall, []),
                  ("trim_kv streaming", str(self.out / "trim_kv"), recall, ["--policy", "streaming"]),
                  ("query_selector", str(self.out / "query_selector"), [tests["needle-qa"]], ["--selector"])]
         results = {}
@@ -323,6 +328,7 @@ def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
     rows = [("base", "tiny recall base, full KV cache", "base")]
     rows += [(name, TRAINING[name][2], name) for name in ("reference", "sft", "rho1", "prior", "sstoken", "curate")]
     rows += [("trim_kv", "TRIM-KV gates, bounded KV cache", "trim_kv"),
+             ("trim_kv_evict", "the gates fine-tuned with eviction, same cache", "trim_kv_evict"),
              ("trim_kv streaming", "StreamingLLM, same export and budget", "trim_kv"),
              ("query_selector", TRAINING["query_selector"][2], "query_selector")]
     lines = ["| stage | method | steps | train s | noisy-sft (clean test) | mqar | needle-qa |",

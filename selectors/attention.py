@@ -4,6 +4,7 @@
 What the attention function does, per call:
     gates off (or none)                -> the model's original attention, unchanged
     gates on, no cache (training/eval) -> softmax(q k / sqrt(d) + (t - i) log beta_i), the TRIM-KV training bias
+                                          (optionally over the kept keys only: `train_with_eviction`)
     a RetentionCache                   -> plain attention over the kept tokens (no bias), log beta stored with K/V
     another cache (e.g. DynamicCache)  -> the original attention
 """
@@ -52,13 +53,36 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+def evicted_bias(bias: torch.Tensor, memory_size: int) -> torch.Tensor:
+    """The training bias with every key a RetentionCache of `memory_size` would have evicted set to -inf.
+
+    Per query row t and kv head, only the `memory_size` keys with the highest (t - i) log beta_i stay (ties keep
+    more); the cache's ranking at inference. [B, H, T, T] -> same shape.
+    """
+    if memory_size >= bias.shape[-1]:
+        return bias
+    with torch.no_grad():
+        threshold = bias.topk(memory_size, dim=-1).values[..., -1:]
+    return bias.masked_fill(bias < threshold, -math.inf)
+
+
 def _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout):
     groups = query.shape[1] // key.shape[1]
-    bias = _repeat_kv(retention_bias(log_beta), groups)  # [B, H, T, T]
+    bias = retention_bias(log_beta)  # [B, H_kv, T, T]
     if attention_mask is not None:
         bias = bias.masked_fill(~attention_mask.bool(), -math.inf)
-    output = F.scaled_dot_product_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups),
-                                            attn_mask=bias.to(query.dtype), dropout_p=dropout, scale=scaling)
+    key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
+
+    def attend(scores):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=_repeat_kv(scores, groups).to(query.dtype),
+                                              dropout_p=dropout, scale=scaling)
+
+    output = attend(bias)
+    memory = module.__dict__.get("_retention_train_memory")
+    if memory is not None and memory < bias.shape[-1]:
+        # Straight-through eviction: the forward value is attention over the kept keys only (as at inference), the
+        # gradient is the soft bias's (an evicted token still learns whether it should have stayed).
+        output = output + (attend(evicted_bias(bias, memory)) - output).detach()
     return output.transpose(1, 2).contiguous(), None
 
 
@@ -169,11 +193,22 @@ def detach_gates(model: nn.Module) -> None:
         attention._retention_hook.remove()
         original = attention._retention_fallback
         for name in ("retention_gate", "_retention_hook", "_retention_fallback", "_retention_enabled",
-                     "_retention_cache_layer", "_retention_log_beta"):
+                     "_retention_cache_layer", "_retention_log_beta", "_retention_train_memory"):
             if hasattr(attention, name):
                 delattr(attention, name)
     if original is not None:
         model.set_attn_implementation(original)
+
+
+def train_with_eviction(model: nn.Module, memory_size: int | None) -> None:
+    """Make the gated training forward evict as a RetentionCache of `memory_size` would (None: the soft bias only).
+
+    See `evicted_bias`; the gradient stays the soft bias's (straight-through).
+    """
+    if memory_size is not None and memory_size < 1:
+        raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+    for attention in attention_modules(model):
+        attention.__dict__["_retention_train_memory"] = memory_size
 
 
 def gates_of(model: nn.Module) -> list[RetentionGate]:

@@ -14,7 +14,8 @@ from conftest import save_tiny_base
 
 EXPORTS = {"reference": "model.safetensors", "sft": "model.safetensors", "rho1": "model.safetensors",
            "prior": "model.safetensors", "sstoken": "model.safetensors", "curate": "model.safetensors",
-           "trim_kv": "gates.safetensors", "query_selector": "selector.safetensors"}
+           "trim_kv": "gates.safetensors", "trim_kv_evict": "gates.safetensors",
+           "query_selector": "selector.safetensors"}
 
 
 def test_base_script_makes_every_dataset_its_recipe_reads(tmp_path):
@@ -81,6 +82,7 @@ def test_quickstart_on_a_tiny_base(tmp_path, capsys):
         assert reload[name]["command"].startswith("-m tokensieve eval ")
         assert all(entry["examples"] == 8 for entry in reload[name]["tasks"].values())
     assert reload["trim_kv"]["tasks"]["mqar"]["memory_size"] == 32
+    assert reload["trim_kv_evict"]["tasks"]["needle-qa"]["memory_size"] == 32
     assert 0 < reload["query_selector"]["tasks"]["needle-qa"]["kept_share"] <= 1
     table = (out / "results.md").read_text()
     for name in ["base", *TRAINING, "trim_kv streaming"]:

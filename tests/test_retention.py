@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM
 from tokensieve.errors import ModelError
 from tokensieve.launch.export import GATES_FILE, load_gates, load_retention_model, save_gates
 from tokensieve.launch.model import FromScratchArguments, build_config
-from tokensieve.selectors.attention import attach_gates, collected_log_beta, detach_gates, gates_disabled, gates_of
+from tokensieve.selectors.attention import (_biased_attention, attach_gates, attention_modules, collected_log_beta,
+                                            detach_gates, evicted_bias, gates_disabled, gates_of, train_with_eviction)
 from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
 from tokensieve.selectors.retention import RetentionGate, capacity_loss, retention_bias
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
@@ -31,6 +32,39 @@ def test_retention_bias_hand_computed():
     l5, l25 = math.log(0.5), math.log(0.25)
     expected = torch.tensor([[0.0, -math.inf, -math.inf], [l5, 0.0, -math.inf], [2 * l5, l25, 0.0]])
     assert torch.allclose(bias, expected)
+
+
+def test_evicted_bias_keeps_the_top_keys_of_every_row():
+    log_beta = torch.log(torch.tensor([[[0.9, 0.5, 0.99, 0.2, 0.8]]]))
+    kept = evicted_bias(retention_bias(log_beta), 2)[0, 0] > -math.inf
+    # Row 3 scores keys 0..3 at 3 log 0.9, 2 log 0.5, log 0.99, 0: keys 2 and 3 stay; row 4 keeps 2 (0.99^2) and 4.
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 0, 1]])
+    assert torch.equal(kept, expected.bool())
+    assert torch.equal(evicted_bias(retention_bias(log_beta), 5), retention_bias(log_beta))
+
+
+def test_training_with_eviction_attends_to_the_kept_keys_with_soft_gradients():
+    torch.manual_seed(0)
+    query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)  # 2 groups
+    log_beta = (-torch.rand(2, 2, 9) * 2).requires_grad_()
+    upstream = torch.randn(2, 9, 4, 8)
+
+    def run(memory):
+        module = torch.nn.Module()
+        module.__dict__["_retention_train_memory"] = memory
+        output = _biased_attention(module, query, key, value, None, log_beta, 8**-0.5, 0.0)[0]
+        gradient, = torch.autograd.grad((output * upstream).sum(), log_beta)
+        return output.detach(), gradient
+
+    soft, soft_gradient = run(None)
+    hard, hard_gradient = run(3)
+    bias = evicted_bias(retention_bias(log_beta.detach()), 3).repeat_interleave(2, dim=1)
+    scores = query @ key.repeat_interleave(2, dim=1).transpose(-1, -2) * 8**-0.5 + bias
+    expected = (scores.softmax(-1) @ value.repeat_interleave(2, dim=1)).transpose(1, 2)
+    torch.testing.assert_close(hard, expected)
+    assert not torch.allclose(hard, soft, atol=1e-3)
+    torch.testing.assert_close(hard_gradient, soft_gradient)  # straight-through: the soft bias's gradient
+    assert torch.equal(run(9)[0], soft)  # a budget the sequence fits in changes nothing
 
 
 def test_capacity_loss_hand_computed():
@@ -211,6 +245,20 @@ def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
     assert logs[0]["capacity_loss"] > 0  # bias 2 -> beta 0.88 keeps ~8 tokens > M = 4
 
 
+def test_trainer_can_train_with_eviction(tiny_tokenizer, tmp_path):
+    trainer = train_gates(tiny_tokenizer, tmp_path, steps=2, train_with_eviction=True)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    assert {m.__dict__.get("_retention_train_memory") for m in attention_modules(model)} == {4}
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    train_with_eviction(model, None)
+    ids = torch.randint(3, 250, (1, 12))
+    soft = model(input_ids=ids, use_cache=False).logits
+    train_with_eviction(model, 4)
+    assert not torch.allclose(model(input_ids=ids, use_cache=False).logits, soft)
+    detach_gates(model)
+    assert all("_retention_train_memory" not in m.__dict__ for m in attention_modules(model))
+
+
 def test_loss_from_response_logits_equals_the_full_logits_loss(tiny_tokenizer, tmp_path):
     import torch.nn.functional as F
 
@@ -255,6 +303,33 @@ def test_teacher_runs_without_the_lora_it_trains(tiny_tokenizer, tmp_path):
         student_without_gates = model(**inputs).logits
     torch.testing.assert_close(teacher, expected)
     assert not torch.allclose(student_without_gates, expected)  # the adapter (random init here) changes the model
+
+
+def test_training_can_start_from_exported_gates(tiny_tokenizer, tmp_path):
+    source = fresh_model(tiny_tokenizer)
+    attach_gates(source, intermediate_size=8, bias_init=3.0)
+    for gate in gates_of(source):
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    save_gates(source, tmp_path / "export", memory_size=4)
+
+    def trainer_from(init_gates, model):
+        args = RetentionConfig(output_dir=str(tmp_path / "out"), init_gates=str(init_gates), memory_size=4,
+                               gate_intermediate_size=16, report_to="none", use_cpu=True, bf16=False)
+        return RetentionTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_rows()),
+                                processing_class=tiny_tokenizer)
+
+    fresh = fresh_model(tiny_tokenizer)
+    trainer_from(tmp_path / "export", fresh)  # gates attached from the export (its size 8, not the config's 16)
+    already = fresh_model(tiny_tokenizer)
+    attach_gates(already, intermediate_size=8)
+    trainer_from(tmp_path / "export", already)  # gates already attached: weights loaded into them
+    for model in (fresh, already):
+        for ours, theirs in zip(gates_of(model), gates_of(source)):
+            assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()))
+    with pytest.raises(ModelError, match="init_gates: .*no gates.json"):
+        trainer_from(tmp_path / "missing", fresh_model(tiny_tokenizer))
+    with pytest.raises(ModelError, match="init_gates: .*num_key_value_heads"):
+        trainer_from(tmp_path / "export", fresh_model(tiny_tokenizer, num_key_value_heads=1))
 
 
 def test_export_loads_in_a_fresh_process(tiny_tokenizer, tmp_path):

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from tokensieve.selectors.attention import attach_gates, attention_modules, collected_log_beta, gates_disabled
+from tokensieve.selectors.attention import (attach_gates, attention_modules, collected_log_beta, gates_disabled,
+                                            train_with_eviction)
 from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
@@ -39,6 +40,16 @@ class RetentionConfig(SFTConfig):
     gate_bias_init: float = field(default=18.0, metadata={"help": "Initial gate bias: beta ~ sigmoid(18) ~ 1."})
     train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
     capacity_chunk_size: int = field(default=256, metadata={"help": "Query rows per chunk of the capacity loss."})
+    init_gates: str | None = field(
+        default=None,
+        metadata={"help": "A gate export (gates.safetensors + gates.json) to start from instead of fresh gates, e.g. "
+                          "soft-trained gates that a train_with_eviction stage then fine-tunes."},
+    )
+    train_with_eviction: bool = field(
+        default=False,
+        metadata={"help": "Not in the paper: the student attends only to the memory_size keys per query and kv head "
+                          "that a RetentionCache would keep, gradients through the soft bias (straight-through)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,8 +73,21 @@ class RetentionTrainer(FiniteLossMixin, SFTTrainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, model, args: RetentionConfig, *rest, **kwargs):
-        if not hasattr(attention_modules(model)[0], "retention_gate"):
+        if args.init_gates is not None:
+            from tokensieve.errors import ModelError
+            from tokensieve.launch.export import check_compatible, load_gate_weights, load_gates, read_gates_config
+
+            try:
+                if hasattr(attention_modules(model)[0], "retention_gate"):
+                    check_compatible(model, read_gates_config(args.init_gates), args.init_gates)
+                    load_gate_weights(model, args.init_gates)
+                else:
+                    load_gates(model, args.init_gates)
+            except ModelError as error:
+                raise ModelError(f"init_gates: {error}") from None
+        elif not hasattr(attention_modules(model)[0], "retention_gate"):
             attach_gates(model, args.gate_intermediate_size, args.gate_bias_init)
+        train_with_eviction(model, args.memory_size if args.train_with_eviction else None)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("retention_gate" in name or (args.train_lora and "lora_" in name))
         super().__init__(model, args, *rest, **kwargs)
