@@ -84,6 +84,10 @@ def _memory_size_range(t, tok):
     return ["train", str(recipe(t, method="trim_kv", training={"memory_size": 0}))]
 
 
+def _init_gates_missing(t, tok):
+    return ["train", str(recipe(t, method="trim_kv", training={"init_gates": str(t / "no-gates")}))]
+
+
 def _rho_range(t, tok):
     return ["train", str(recipe(t, method="query_selector", training={"rho_min": 0.6, "rho_max": 0.5}))]
 
@@ -273,6 +277,7 @@ CASES = [
     ("recipe-select-ratio-out-of-range", _select_ratio_range, r"select_ratio must be in \(0, 1\]"),
     ("recipe-gamma-out-of-range", _gamma_range, r"gamma must be in \[0, 1\]"),
     ("recipe-memory-size-below-1", _memory_size_range, r"memory_size must be >= 1"),
+    ("recipe-init-gates-missing", _init_gates_missing, r"init_gates: .*no-gates: no gates\.json"),
     ("recipe-rho-bounds", _rho_range, r"rho_min/rho_max"),
     ("recipe-missing-launch-profile", _missing_profile, r"zero9"),
     ("recipe-not-found", _recipe_not_found, r"recipe not found"),

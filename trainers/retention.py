@@ -43,7 +43,8 @@ class RetentionConfig(SFTConfig):
     init_gates: str | None = field(
         default=None,
         metadata={"help": "A gate export (gates.safetensors + gates.json) to start from instead of fresh gates, e.g. "
-                          "soft-trained gates that a train_with_eviction stage then fine-tunes."},
+                          "soft-trained gates that a train_with_eviction stage then fine-tunes (the gates only: a "
+                          "LoRA adapter next to them is not loaded)."},
     )
     train_with_eviction: bool = field(
         default=False,
