@@ -40,10 +40,11 @@ def train_gates(base: str, out: Path, steps: int | None) -> tuple[Path, Path]:
     common = ["--model.name_or_path", base, "--report_to", "none", "--save_strategy", "no",
               "--resume_from_checkpoint", "false"]
     with torch.enable_grad():  # `inference` runs under no_grad
-        if not (soft / "gates.json").exists():
+        fresh_soft = not (soft / "gates.json").exists()
+        if fresh_soft:
             run_recipe("recipes/tiny/trim_kv.yaml", common + ["--training.output_dir", str(soft)]
                        + (["--max_steps", str(steps)] if steps else []))
-        if not (evict / "gates.json").exists():
+        if fresh_soft or not (evict / "gates.json").exists():  # never pair new soft gates with an older stage 2
             run_recipe("recipes/tiny/trim_kv_evict.yaml", common + ["--training.output_dir", str(evict),
                                                                     "--init_gates", str(soft)])
     return soft, evict
