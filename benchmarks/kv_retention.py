@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from tokensieve.upstream import with_cache
+
 from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
 
 TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
@@ -147,9 +149,9 @@ def inference(args) -> None:
     for new_tokens in [memory // 2, memory, 2 * memory, 4 * memory, 8 * memory]:
         options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         full = DynamicCache(config=model.config)
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=full, **options)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), **with_cache(model, full), **options)
         bounded = RetentionCache.for_model(model, memory, buffer)
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), past_key_values=bounded, **options)
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), **with_cache(model, bounded), **options)
         full_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in full.layers)
         rows.append({"tokens": prompt.shape[1] + new_tokens, "full_kv_bytes": full_bytes,
                      "retention_kv_bytes": bounded.nbytes(), "ratio": bounded.nbytes() / full_bytes,
@@ -182,7 +184,7 @@ def inference(args) -> None:
                     first = step % len(names)
                     for name in names[first:] + names[:first]:
                         start = time.perf_counter()
-                        logits = model(input_ids=ids[name], past_key_values=caches[name], use_cache=True).logits
+                        logits = model(input_ids=ids[name], use_cache=True, **with_cache(model, caches[name])).logits
                         ids[name] = logits[:, -1:].argmax(-1)
                         elapsed[name] += time.perf_counter() - start
                     caches["short"].crop(-1)

@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from tokensieve.upstream import with_cache
+
 from common import REPO, environment, environment_lines, pyplot, run_recipe
 
 TEST = REPO / "data/tasks/needle-qa/test.jsonl"
@@ -158,7 +160,7 @@ def prefill(args) -> None:
                                 batch["query_mask"], left_pad=True)
         inputs.pop("labels")
         cache = DynamicCache(config=model.config)
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, use_cache=True, **with_cache(model, cache))
         return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
     timings, kv_bytes = {"full": [], "selector": []}, {}

@@ -2,7 +2,7 @@
 
     model, tokenizer = load_retention_model("outputs/tiny/trim_kv")       # base + adapter + gates, ready
     cache = RetentionCache.for_model(model, memory_size=64)
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)                  # past_key_values=cache before transformers 5.24
 
 gates.json records the architecture and sizes the gates were trained for and the base model (name or path and
 revision); loading gates onto another architecture or size, or a missing or truncated file, is a ModelError.

@@ -10,6 +10,7 @@ import torch
 
 from tokensieve.errors import ModelError
 from tokensieve.selectors.kv_cache import POLICIES, RetentionCache
+from tokensieve.upstream import with_cache
 
 
 @torch.no_grad()
@@ -23,8 +24,8 @@ def bounded_generate(model, input_ids, attention_mask, cache: RetentionCache, ch
     for start in range(0, length - 1, chunk_size):
         end = min(start + chunk_size, length - 1)
         model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
-              position_ids=positions[:, start:end], past_key_values=cache, use_cache=True)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **generate_kwargs)
+              position_ids=positions[:, start:end], use_cache=True, **with_cache(model, cache))
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **with_cache(model, cache), **generate_kwargs)
 
 
 def load_for_generation(path: str, policy: str):

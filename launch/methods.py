@@ -6,9 +6,7 @@ a recipe can only name what is registered.
 
 from typing import NamedTuple
 
-from trl import SFTConfig
-
-from tokensieve.trainers.guards import GuardedSFTTrainer
+from tokensieve.trainers.guards import GuardedSFTTrainer, SFTBaselineConfig
 from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
 from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
@@ -27,7 +25,7 @@ class Method(NamedTuple):
 
 METHODS: dict[str, Method] = {
     # plain SFT (TRL's SFTTrainer, stopping on a non-finite loss): the baseline of every method
-    "sft": Method(SFTConfig, GuardedSFTTrainer),
+    "sft": Method(SFTBaselineConfig, GuardedSFTTrainer),
     # token-level selection or weighting: ssToken, Rho-1, PRIOR, column weights, DFT (trainers/token_loss.py)
     "token_loss": Method(TokenLossConfig, TokenLossTrainer),
     # TRIM-KV retention gates: distillation from the gate-free model + capacity loss (trainers/retention.py)

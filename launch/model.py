@@ -173,9 +173,8 @@ def load_model_and_tokenizer(
                 training_texts, spec.vocab_size, spec.min_frequency, model_max_length=spec.max_position_embeddings
             )
         config = build_config(spec, tokenizer)
-        if model_args.attn_implementation:
-            config._attn_implementation = model_args.attn_implementation
-        model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=None if dtype == "auto" else dtype,
+                                                 attn_implementation=model_args.attn_implementation)
         return model, tokenizer
 
     source = _local_or_hub(model_args.name_or_path, "model")

@@ -13,6 +13,7 @@ from tokensieve.errors import ModelError, TokensieveError
 from tokensieve.launch.methods import METHODS
 from tokensieve.launch.model import apply_peft, load_model_and_tokenizer
 from tokensieve.launch.recipe import Recipe
+from tokensieve.upstream import checkpointing_enabled
 
 BASE_MODEL_DIR = "base_model"  # where a from-scratch base is saved next to its LoRA adapter
 
@@ -102,7 +103,7 @@ def run_training(recipe: Recipe, callbacks=()):
         model = apply_peft(model, recipe.peft)
         if recipe.model.from_scratch is not None:
             model.peft_config["default"].base_model_name_or_path = str((output_dir / BASE_MODEL_DIR).resolve())
-        if args.gradient_checkpointing:
+        if checkpointing_enabled(args):
             model.enable_input_require_grads()  # checkpointed frozen embeddings need grads on their outputs
 
     if detect_format(train_dataset) == "prompt_completion" and not is_conversational(train_dataset, "prompt_completion"):

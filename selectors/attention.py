@@ -12,7 +12,6 @@ What the attention function does, per call:
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -24,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from tokensieve.selectors.kv_cache import RetentionCache
 from tokensieve.selectors.retention import RetentionGate, retention_bias
+from tokensieve.upstream import attn_implementation, cache_in, modeling_function
 
 ATTENTION_NAME = "tokensieve_retention"
 
@@ -42,7 +42,7 @@ def _fallback(module: nn.Module, query, key, value, attention_mask, **kwargs):
     name = getattr(module, "_retention_fallback", "sdpa")
     if name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask, **kwargs)
-    eager = sys.modules[type(module).__module__].eager_attention_forward
+    eager = modeling_function(module, "eager_attention_forward")
     if attention_mask is not None and attention_mask.dtype == torch.bool:  # eager wants an additive float mask
         attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
             ~attention_mask, torch.finfo(query.dtype).min)
@@ -140,7 +140,7 @@ def _gate_hook(module, args, kwargs):
     # Runs once per layer and decoded token: state goes straight into the module's __dict__ (nn.Module.__setattr__
     # checks parameters, buffers and submodules on every call, a visible cost at decode).
     state = module.__dict__
-    cache = kwargs.get("past_key_values")
+    cache = cache_in(kwargs)  # `cache=` from transformers 5.24, `past_key_values=` before
     state["_retention_cache_layer"] = state["_retention_log_beta"] = None
     if cache is not None and not isinstance(cache, RetentionCache):
         return None  # another cache: the original attention, the gate is not needed
@@ -167,7 +167,7 @@ def attach_gates(model: nn.Module, intermediate_size: int = 512, bias_init: floa
     The gates are submodules of the attention modules, so they move, save and load with the model.
     """
     config = model.config.get_text_config(decoder=True)
-    original = config._attn_implementation or "sdpa"
+    original = attn_implementation(model) or "sdpa"
     if original == ATTENTION_NAME:
         raise ValueError("this model already has retention gates attached")
     parameter = next(model.parameters())

@@ -252,7 +252,8 @@ class RetentionLayer(DynamicLayer):
 
 
 class RetentionCache(Cache):
-    """A transformers Cache of RetentionLayers, for `model.generate(..., past_key_values=cache)`.
+    """A transformers Cache of RetentionLayers, for `model.generate(..., cache=cache)` (`past_key_values=` before
+    transformers 5.24; `tokensieve.upstream.with_cache` picks the keyword).
 
     memory_size: tokens kept per (layer, kv head) after an eviction (None: never evict, a full cache);
     buffer_size: tokens added before the next eviction, so the physical length stays <= memory_size + buffer_size.

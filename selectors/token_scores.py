@@ -8,11 +8,12 @@ Trainer, datasets or files.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from tokensieve.upstream import modeling_function
 
 EPS = 1e-8
 
@@ -162,10 +163,7 @@ def capture_attention_inputs(attention: nn.Module):
 
 def _rotary(attention: nn.Module):
     """The `apply_rotary_pos_emb` of the attention module's own modelling file, so RoPE is applied as the model does."""
-    module = sys.modules[type(attention).__module__]
-    if not hasattr(module, "apply_rotary_pos_emb"):
-        raise ValueError(f"{type(attention).__name__}: no apply_rotary_pos_emb in {module.__name__}")
-    return module.apply_rotary_pos_emb
+    return modeling_function(attention, "apply_rotary_pos_emb")
 
 
 def rotary_queries_keys(attention: nn.Module, hidden_states: torch.Tensor, position_embeddings) -> tuple:

@@ -102,7 +102,7 @@ def test_curated_columns_train(models, data_file, tiny_tokenizer, tmp_path):
     curated = load_dataset("parquet", data_files=str(tmp_path / "cur.parquet"), split="train")
     args = TokenLossConfig(output_dir=str(tmp_path / "run"), token_scorer="column", token_weights_column="token_mask",
                            max_steps=1, per_device_train_batch_size=4, report_to="none", use_cpu=True, bf16=False,
-                           gradient_checkpointing=False, save_strategy="no", logging_steps=1)
+                           activation_checkpointing=False, save_strategy="no", logging_steps=1)
     trainer = TokenLossTrainer(model=AutoModelForCausalLM.from_pretrained(models[0]), args=args,
                                train_dataset=curated, processing_class=tiny_tokenizer)
     trainer.train()

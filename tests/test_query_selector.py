@@ -210,7 +210,7 @@ def rows(n=32):
 def train_selector(tokenizer, tmp_path, **kwargs):
     args = QuerySelectorConfig(output_dir=str(tmp_path / "sel"), max_steps=3, per_device_train_batch_size=8,
                                learning_rate=1e-2, feature_layer=1, selector_heads=2, budget_hidden=16,
-                               report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                               report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
                                save_strategy="no", logging_steps=1, **kwargs)
     trainer = QuerySelectorTrainer(model=fresh_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows()),
                                    processing_class=tokenizer)
@@ -253,7 +253,7 @@ def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tm
     tiny_tokenizer.save_pretrained(base)
     args = QuerySelectorConfig(output_dir=str(tmp_path / "sel"), max_steps=2, per_device_train_batch_size=8,
                                selector_heads=2, budget_hidden=16, report_to="none", use_cpu=True, bf16=False,
-                               gradient_checkpointing=False, save_strategy="no")
+                               activation_checkpointing=False, save_strategy="no")
     trainer = QuerySelectorTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
                                    train_dataset=Dataset.from_list(rows()), processing_class=tiny_tokenizer)
     trainer.train()

@@ -18,6 +18,7 @@ from tokensieve.selectors.attention import (_biased_attention, attach_gates, att
 from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
 from tokensieve.selectors.retention import RetentionGate, capacity_loss, retention_bias
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
+from tokensieve.upstream import with_cache
 
 
 def fresh_model(tokenizer, architecture="qwen3", seed=0, **sizes):
@@ -156,7 +157,7 @@ def test_every_policy_generates_within_budget(tiny_tokenizer, policy):
     prompt = torch.randint(3, 250, (2, 40))
     cache = RetentionCache.for_model(model, memory_size=8, buffer_size=4, policy=policy)
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False,
-                         past_key_values=cache)
+                         **with_cache(model, cache))
     assert out.shape == (2, 52)
     assert cache.get_seq_length() == 51
     assert all(layer.physical_length() <= 8 + 4 for layer in cache.layers)
@@ -171,7 +172,7 @@ def test_cache_runs_the_gate_lazily_with_the_same_log_beta(tiny_tokenizer):
     prompt = torch.randint(3, 250, (2, 21))
     cache = RetentionCache.for_model(model, memory_size=None, buffer_size=4)  # never evicts
     out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=9, do_sample=False,
-                         past_key_values=cache)
+                         **with_cache(model, cache))
     assert all(sum(h.shape[1] for _, h in layer._deferred) < 4 for layer in cache.layers)  # bounded gate inputs
     # With a cache the attention has no bias: each layer sees the hidden states of the model without gates.
     with torch.no_grad(), gates_disabled(model):
@@ -191,7 +192,7 @@ def test_generate_with_the_cache_equals_full_cache_below_the_budget(tiny_tokeniz
     prompt[1, :6], mask[1, :6] = tiny_tokenizer.pad_token_id, 0  # left padding
     full = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False)
     cache = RetentionCache.for_model(model, memory_size=64)
-    bounded = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    bounded = model.generate(prompt, attention_mask=mask, max_new_tokens=10, do_sample=False, **with_cache(model, cache))
     assert torch.equal(full, bounded)
 
 
@@ -206,11 +207,11 @@ def test_left_padding_is_evicted_first(tiny_tokenizer, policy):
     prompt[1, :6], mask[1, :6] = tiny_tokenizer.pad_token_id, 0  # left padding
     options = dict(max_new_tokens=10, do_sample=False, min_new_tokens=10)
     cache = RetentionCache.for_model(model, memory_size=8, buffer_size=4, policy=policy)
-    batch = model.generate(prompt, attention_mask=mask, past_key_values=cache, **options)
+    batch = model.generate(prompt, attention_mask=mask, **with_cache(model, cache), **options)
     assert all(layer.valid.all() for layer in cache.layers)  # 14 real tokens > 8 kept: no padding left
     if policy == "gates":  # and the padded row decodes as it does alone
         alone = model.generate(prompt[1:, 6:], attention_mask=mask[1:, 6:], **options,
-                               past_key_values=RetentionCache.for_model(model, memory_size=8, buffer_size=4))
+                               **with_cache(model, RetentionCache.for_model(model, memory_size=8, buffer_size=4)))
         assert torch.equal(batch[1, 6:], alone[0])
 
 
@@ -223,7 +224,7 @@ def train_gates(tokenizer, tmp_path, steps=3, **kwargs):
     model = fresh_model(tokenizer)
     args = RetentionConfig(output_dir=str(tmp_path / "gates"), max_steps=steps, per_device_train_batch_size=8,
                            learning_rate=1e-2, memory_size=4, gate_intermediate_size=16, gate_bias_init=2.0,
-                           report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                           report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
                            save_strategy="no", logging_steps=1, **kwargs)
     trainer = RetentionTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_rows()),
                                processing_class=tokenizer)
@@ -343,13 +344,13 @@ def test_export_loads_in_a_fresh_process(tiny_tokenizer, tmp_path):
     save_gates(model, tmp_path / "export", memory_size=8, buffer_size=4)
     ids = torch.randint(3, 250, (1, 30))
     expected = model.generate(ids, max_new_tokens=8, do_sample=False,
-                              past_key_values=RetentionCache.for_model(model, memory_size=8, buffer_size=4))
+                              **with_cache(model, RetentionCache.for_model(model, memory_size=8, buffer_size=4)))
     script = (
         "import sys, torch; from tokensieve.launch.export import load_retention_model;"
-        "from tokensieve.selectors.kv_cache import RetentionCache;"
+        "from tokensieve.selectors.kv_cache import RetentionCache; from tokensieve.upstream import with_cache;"
         f"m, t = load_retention_model({str(tmp_path / 'export')!r});"
         f"ids = torch.tensor({ids.tolist()});"
-        "out = m.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=RetentionCache.for_model(m, 8, 4));"
+        "out = m.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(m, RetentionCache.for_model(m, 8, 4)));"
         "print(out.tolist())"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)

@@ -43,7 +43,7 @@ def config(tmp_path, config_class=TokenLossConfig, **kwargs):
     defaults = dict(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, gradient_accumulation_steps=1, max_steps=1,
         learning_rate=1.0, optim="sgd", max_grad_norm=0.0, lr_scheduler_type="constant", weight_decay=0.0,
-        report_to="none", save_strategy="no", use_cpu=True, bf16=False, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", use_cpu=True, bf16=False, activation_checkpointing=False,
         logging_steps=1, train_sampling_strategy="sequential", dataset_num_proc=None, seed=0,
     )
     defaults.update(kwargs)

@@ -23,6 +23,7 @@ def test_batched_tokenization_matches_trl(tiny_tokenizer, tiny_llama, tmp_path, 
     dataset = datasets.Dataset.from_list(rows)
     tokenized = tokenize_prompt_completion(dataset, tiny_tokenizer, completion_only_loss is not False)
     args = SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_length=None,
+                     activation_checkpointing=False,
                      completion_only_loss=completion_only_loss)
 
     def prepared(train_dataset):

@@ -1,1 +1,1 @@
-from tokensieve.trainers import fused_head  # noqa: F401  (projects only labelled positions on CPU)
+"""tokensieve.trainers: TRL trainer subclasses, one per method family (registered in launch/methods.py)."""

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
-from trl import SFTTrainer
+from dataclasses import dataclass
+
+from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import TrainingError
+from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 
 
 def check_finite(value: torch.Tensor, what: str, step: int, output_dir: str) -> None:
@@ -25,5 +28,10 @@ class FiniteLossMixin:
         return loss
 
 
-class GuardedSFTTrainer(FiniteLossMixin, SFTTrainer):
+@dataclass
+class SFTBaselineConfig(ConfigDefaults, SFTConfig):
+    """TRL's SFTConfig (the `sft` baseline's config; see trainers/base.py for the one default it words differently)."""
+
+
+class GuardedSFTTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
     """TRL's SFTTrainer, unchanged except that a non-finite loss stops the run (the `sft` baseline)."""

@@ -17,6 +17,7 @@ from torch import nn
 from trl.trainer.utils import add_fused_lm_head
 
 from tokensieve.errors import ModelError
+from tokensieve.upstream import fused_head_labelled_positions_only
 
 EMA_FILE = "history_ema.safetensors"
 
@@ -35,7 +36,7 @@ def eval_mode(model: nn.Module):
 @torch.no_grad()
 def token_logprobs(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
     """log p(label_t | tokens < t) for t >= 1, [B, T-1]; 0 where the label is -100. `model` has a fused LM head."""
-    with eval_mode(model):
+    with eval_mode(model), fused_head_labelled_positions_only():  # also outside a trainer (curation)
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
                         use_cache=False)
     return outputs.log_probs.float()

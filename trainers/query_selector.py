@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from tokensieve.errors import DataError, ModelError
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
+from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
 
@@ -32,7 +33,7 @@ FORMAT = "tokensieve-query-selector"
 
 
 @dataclass
-class QuerySelectorConfig(SFTConfig):
+class QuerySelectorConfig(ConfigDefaults, SFTConfig):
     """SFTConfig plus the selector's architecture, budget and loss options (defaults from METHODS.md s.5)."""
 
     query_separator: str = field(default=" ?", metadata={"help": "Rows without context/query columns: the query "
@@ -182,7 +183,7 @@ def key_keep_vector(keep: torch.Tensor, context_mask: torch.Tensor, attention_ma
     return out
 
 
-class QuerySelectorTrainer(FiniteLossMixin, SFTTrainer):
+class QuerySelectorTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
     """Trains a QuerySelector in front of a frozen LM (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "query-selector"]

@@ -22,11 +22,12 @@ from trl import SFTConfig, SFTTrainer
 from tokensieve.selectors.attention import (attach_gates, attention_modules, collected_log_beta, gates_disabled,
                                             train_with_eviction)
 from tokensieve.selectors.retention import capacity_terms
+from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 
 @dataclass
-class RetentionConfig(SFTConfig):
+class RetentionConfig(ConfigDefaults, SFTConfig):
     """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (METHODS.md)."""
 
     memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
@@ -67,7 +68,7 @@ class RetentionConfig(SFTConfig):
                 raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
-class RetentionTrainer(FiniteLossMixin, SFTTrainer):
+class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
     """Trains TRIM-KV retention gates on a frozen model (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "trim-kv"]

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
+from tokensieve.upstream import with_cache
 
 
 class _Stop(Exception):
@@ -119,7 +120,7 @@ def greedy_answers(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
     cache = DynamicCache(config=_base(model).config)
     mask, positions = inputs["attention_mask"], inputs["position_ids"]
     out = model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True)
+                use_cache=True, **with_cache(model, cache))
     next_position = positions.max(dim=-1, keepdim=True).values + 1
     tokens = []
     for step in range(max_new_tokens):
@@ -129,7 +130,7 @@ def greedy_answers(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
             break
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
         out = model(inputs_embeds=embed(token), attention_mask=mask, position_ids=next_position,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **with_cache(model, cache))
         next_position = next_position + 1
     return torch.cat(tokens, dim=1)
 

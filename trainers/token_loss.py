@@ -41,6 +41,7 @@ from tokensieve.selectors.token_scores import (
     sstoken_select,
     top_k_per_row,
 )
+from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.history import (
     ParameterEma,
@@ -62,7 +63,7 @@ SELECTION_LEVELS = ("sample", "batch")
 
 
 @dataclass
-class TokenLossConfig(SFTConfig):
+class TokenLossConfig(ConfigDefaults, SFTConfig):
     """SFTConfig plus the token scorer and its options. Defaults follow METHODS.md."""
 
     token_scorer: str = field(default="sstoken", metadata={"help": f"How tokens are weighted: one of {SCORERS}."})
@@ -156,7 +157,7 @@ class _HistoryUpdate(TrainerCallback):
         self.trainer.ema.update(self.trainer.accelerator.unwrap_model(self.trainer.model), state.global_step)
 
 
-class TokenLossTrainer(FiniteLossMixin, SFTTrainer):
+class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
     """SFTTrainer whose loss weights each response token by a pluggable scorer (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "token-loss"]
