@@ -1,19 +1,23 @@
-"""Token selection and weighting on noisy-sft: clean-test exact match, and the step-time / memory overhead.
+"""Token selection and weighting on noisy-recall: clean-test exact match, selection against the ground truth, and the
+step-time / memory overhead.
 
-    python benchmarks/token_selection.py quality  [--seeds 0 1 2] [--steps 400] [--base PATH]
+    python benchmarks/token_selection.py quality --base outputs/base/tiny_recall [--seeds 0 1 2] [--steps 300]
     python benchmarks/token_selection.py overhead [--steps 30]
 
-quality: every method fine-tunes the same base (fully) with the tiny recipes in recipes/tiny/ on the noisy train
-split (30% of answer words replaced by noise words, 30% of responses wrapped in boilerplate) and is scored by
-greedy exact match on the clean test split:
-    sft      plain next-token prediction on every response token        (recipes/tiny/sstoken.yaml, scorer none)
-    random   a random 60% of each response                               (scorer random)
-    rho1     top 60% of each batch by excess loss over a reference       (recipes/tiny/rho1.yaml)
-    prior    weights (1 - p_ref), mean 1 per response                    (recipes/tiny/prior.yaml)
-    sstoken  top 60% of each response by 0.5 * REL + 0.5 * attention     (recipes/tiny/sstoken.yaml)
-The reference of rho1 and prior is the base fine-tuned on a separate clean set (noise 0, no boilerplate).
-Without --base, the base is a from-scratch model (random weights, the recipe's sizes and a tokenizer trained on
-the task); with --base, any saved model (e.g. outputs/base/tiny_recall).
+quality: every method fine-tunes the tiny recall base (fully) with the tiny recipes in recipes/tiny/ on the noisy
+train split of noisy-recall (each answer value a random pool word with p = --unlearnable-share, the next pair's
+value with p = --learnable-share, else clean) and is scored by greedy exact match on the clean test split:
+    sft          plain next-token prediction on every response token       (recipes/tiny/sstoken.yaml, scorer none)
+    random       a random 60% of each response                              (scorer random)
+    rho1         top 60% of each batch by excess loss over the clean reference (recipes/tiny/rho1.yaml)
+    prior        weights (1 - p_ref), mean 1 per response, clean reference    (recipes/tiny/prior.yaml)
+    sstoken      top 60% of each response by 0.5 minmax(REL) + 0.5 attention, history = the base, warm-up 20%
+    sstoken-g0   the same, gamma 0 (attention only)
+    sstoken-g1   the same, gamma 1 (REL only, no warm-up)
+    sstoken-ema  the same as sstoken with an EMA history
+The reference of rho1 and prior is the base fine-tuned on a clean train split (both shares 0). The selection table
+averages the trainer's ground-truth metrics (truth_*) over each run's logged steps: share of each kind of token
+kept (or mean weight) and the AUROC of the score for clean vs each noise kind.
 
 overhead: step time and peak memory of ssToken (history base via disabled LoRA adapters, ema, offline) relative
 to plain SFT with the same LoRA model, measured side by side: each variant runs in its own process, variants
@@ -35,25 +39,39 @@ from pathlib import Path
 
 from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
 
-TRAIN = REPO / "data/tasks/noisy-sft/train.jsonl"
-TEST = REPO / "data/tasks/noisy-sft/test.jsonl"
+TRAIN = REPO / "data/tasks/noisy-sft/train.jsonl"  # the overhead's data (the cost does not depend on the noise)
+SSTOKEN = "recipes/tiny/sstoken.yaml"
 METHODS = {
-    "sft": ("recipes/tiny/sstoken.yaml", ["--token_scorer", "none"]),
-    "random": ("recipes/tiny/sstoken.yaml", ["--token_scorer", "random"]),
+    "sft": (SSTOKEN, ["--token_scorer", "none"]),
+    "random": (SSTOKEN, ["--token_scorer", "random"]),
     "rho1": ("recipes/tiny/rho1.yaml", ["--reference_model", "{reference}"]),
     "prior": ("recipes/tiny/prior.yaml", ["--reference_model", "{reference}"]),
-    "sstoken": ("recipes/tiny/sstoken.yaml", []),
+    "sstoken": (SSTOKEN, []),
+    "sstoken-g0": (SSTOKEN, ["--gamma", "0"]),
+    "sstoken-g1": (SSTOKEN, ["--gamma", "1", "--gamma_warmup_steps", "0"]),
+    "sstoken-ema": (SSTOKEN, ["--history_model", "ema"]),
 }
+TRUTH = [("kept clean", "truth_kept_clean"), ("kept unlearnable", "truth_kept_unlearnable"),
+         ("kept learnable", "truth_kept_learnable"), ("kept other", "truth_kept_other"),
+         ("weight clean", "truth_weight_clean"), ("weight unlearnable", "truth_weight_unlearnable"),
+         ("weight learnable", "truth_weight_learnable"),
+         ("AUROC clean vs unlearnable", "truth_auroc_clean_vs_unlearnable"),
+         ("AUROC clean vs learnable", "truth_auroc_clean_vs_learnable")]
 
 
 def common_overrides(model: str, out: Path, steps: int, seed: int) -> list[str]:
     return ["--model.from_scratch", "null", "--model.name_or_path", model, "--training.output_dir", str(out),
             "--max_steps", str(steps), "--seed", str(seed), "--report_to", "none", "--save_strategy", "no",
-            "--resume_from_checkpoint", "false", "--logging_steps", str(max(steps // 8, 1))]
+            "--resume_from_checkpoint", "false", "--logging_steps", str(max(steps // 10, 1))]
+
+
+def data_overrides(train: Path) -> list[str]:
+    return ["--data.datasets", json.dumps([{"path": str(train)}]), "--data.eval_datasets", "[]",
+            "--eval_strategy", "no"]
 
 
 def make_base(folder: Path) -> str:
-    """A from-scratch base with the tiny recipes' sizes and a tokenizer trained on the noisy-sft texts."""
+    """A from-scratch base with the tiny recipes' sizes and a tokenizer trained on the noisy-sft texts (overhead)."""
     import torch
 
     from tokensieve.launch.model import load_model_and_tokenizer
@@ -63,7 +81,7 @@ def make_base(folder: Path) -> str:
 
     if (folder / "config.json").exists():
         return str(folder)
-    recipe = load_recipe(REPO / "recipes/tiny/sstoken.yaml")
+    recipe = load_recipe(REPO / SSTOKEN)
     torch.manual_seed(0)
     model, tokenizer = load_model_and_tokenizer(recipe.model, dataset_texts(load_splits(recipe.data)["train"]))
     model.save_pretrained(folder)
@@ -71,38 +89,56 @@ def make_base(folder: Path) -> str:
     return str(folder)
 
 
-def exact_match(model_dir: Path, max_examples: int | None) -> float:
+def exact_match(model_dir: Path, test: Path, max_examples: int | None) -> float:
     from tokensieve.launch.evaluate import evaluate_files
 
-    return evaluate_files(str(model_dir), [str(TEST)], max_examples=max_examples)[str(TEST)]["exact_match"]
+    return evaluate_files(str(model_dir), [str(test)], max_examples=max_examples)[str(test)]["exact_match"]
+
+
+def truth_means(run_dir: Path) -> dict[str, float]:
+    """The run's ground-truth metrics, averaged over its logged training steps."""
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    means = {}
+    for _, key in TRUTH:
+        values = [entry[key] for entry in state["log_history"] if key in entry]
+        if values:
+            means[key] = statistics.mean(values)
+    return means
 
 
 def quality(args) -> None:
     from tokensieve.data.synthetic import make_task
 
+    if not args.base:
+        raise SystemExit("quality needs --base: the tiny recall base (bash recipes/base/tiny_recall.sh, or a "
+                         "quickstart's base), which can already do associative recall")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = args.base or make_base(out / "base")
-    clean = out / "clean-data"
-    if not (clean / "train.jsonl").exists():
-        make_task("noisy-sft", clean, n=args.clean_examples, seed=101, noise_fraction=0.0, boilerplate_fraction=0.0)
+    noisy, clean = out / "noisy-recall", out / "noisy-recall-clean"
+    shares = {"unlearnable_share": args.unlearnable_share, "learnable_share": args.learnable_share}
+    make_task("noisy-recall", noisy, n=args.train_examples, seed=0, **shares)
+    make_task("noisy-recall", clean, n=args.train_examples, seed=101, unlearnable_share=0.0, learnable_share=0.0)
+    test = noisy / "test.jsonl"
     reference = out / "reference"
     if not (reference / "config.json").exists():  # the base fine-tuned on clean data: Rho-1's and PRIOR's reference
-        run_recipe("recipes/tiny/sstoken.yaml", common_overrides(base, reference, args.reference_steps, 0) + [
-            "--token_scorer", "none", "--data.datasets.0.path", str(clean / "train.jsonl")])
-    results = {"environment": environment(args.seeds), "base": base, "reference": str(reference), "steps": args.steps,
-               "seeds": args.seeds, "test_examples": args.test_examples, "runs": {}}
-    results["reference_exact_match"] = exact_match(reference, args.test_examples)
+        run_recipe(SSTOKEN, common_overrides(args.base, reference, args.steps, 0) + data_overrides(
+            clean / "train.jsonl") + ["--token_scorer", "none"])
+    results = {"environment": environment(args.seeds), "base": args.base, "reference": str(reference),
+               "steps": args.steps, "seeds": args.seeds, "shares": shares, "test_examples": args.test_examples,
+               "runs": {}}
+    results["base_exact_match"] = exact_match(Path(args.base), test, args.test_examples)
+    results["reference_exact_match"] = exact_match(reference, test, args.test_examples)
     for method in args.methods:
         recipe, extra = METHODS[method]
         for seed in args.seeds:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             start = time.time()
-            run_recipe(recipe, common_overrides(base, run_dir, args.steps, seed)
-                       + [x.format(reference=reference) for x in extra])
+            run_recipe(recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(
+                noisy / "train.jsonl") + [x.format(reference=reference) for x in extra])
             seconds = time.time() - start
-            score = exact_match(run_dir, args.test_examples)
-            results["runs"].setdefault(method, []).append({"seed": seed, "exact_match": score, "train_seconds": seconds})
+            score = exact_match(run_dir, test, args.test_examples)
+            results["runs"].setdefault(method, []).append(
+                {"seed": seed, "exact_match": score, "train_seconds": seconds, "truth": truth_means(run_dir)})
             print(f"[token_selection] {method} seed {seed}: exact match {score:.3f} ({seconds:.0f} s)", flush=True)
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     write_quality_report(out, results)
@@ -114,11 +150,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def write_quality_report(out: Path, results: dict) -> None:
     plt = pyplot()
+    shares = results["shares"]
     lines = [
-        "# Token selection on noisy-sft: clean-test exact match", "", *environment_lines(results["environment"]),
-        f"Base: `{results['base']}`; {results['steps']} steps per run; seeds {results['seeds']}; "
-        f"{results['test_examples'] or 'all'} test examples; reference (clean SFT) exact match "
-        f"{results['reference_exact_match']:.3f}", "",
+        "# Token selection on noisy-recall: clean-test exact match and selection against the ground truth", "",
+        *environment_lines(results["environment"]),
+        f"Base: `{results['base']}` (exact match {results['base_exact_match']:.3f}); noise shares: unlearnable "
+        f"{shares['unlearnable_share']}, learnable {shares['learnable_share']}; {results['steps']} steps per run; "
+        f"seeds {results['seeds']}; {results['test_examples'] or 'all'} test examples; the reference (the base "
+        f"fine-tuned on clean data) {results['reference_exact_match']:.3f}.", "",
         "| method | exact match (mean ± std) | per seed |", "|---|---|---|",
     ]
     names, means, stds = [], [], []
@@ -127,11 +166,28 @@ def write_quality_report(out: Path, results: dict) -> None:
         mean, std = mean_std(scores)
         names.append(method), means.append(mean), stds.append(std)
         lines.append(f"| {method} | {mean:.3f} ± {std:.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
+    lines += ["", "Selection against the ground truth (mean over seeds of each run's mean over its logged steps):", "",
+              "| method | " + " | ".join(label for label, _ in TRUTH) + " |", "|---" * (len(TRUTH) + 1) + "|"]
+    for method, runs in results["runs"].items():
+        cells = []
+        for _, key in TRUTH:
+            values = [r["truth"][key] for r in runs if key in r["truth"]]
+            cells.append(f"{statistics.mean(values):.2f}" if values else "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     (out / "quality.md").write_text("\n".join(lines) + "\n")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
-    axis.set_ylabel("clean-test exact match")
-    axis.set_title(f"noisy-sft, {results['steps']} steps, {len(results['seeds'])} seeds")
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
+    left.set_ylabel("clean-test exact match")
+    left.set_title(f"noisy-recall, {results['steps']} steps, {len(results['seeds'])} seeds")
+    left.tick_params(axis="x", rotation=45)
+    width = 0.25
+    for offset, (kind, color) in enumerate([("clean", "#55a868"), ("unlearnable", "#c44e52"), ("learnable", "#dd8452")]):
+        kept = [statistics.mean([r["truth"].get(f"truth_kept_{kind}", float("nan")) for r in results["runs"][m]])
+                for m in names]
+        right.bar([i + (offset - 1) * width for i in range(len(names))], kept, width, label=kind, color=color)
+    right.set_xticks(range(len(names)), names, rotation=45)
+    right.set_ylabel("share of tokens kept (weight > 0)")
+    right.legend()
     figure.tight_layout()
     figure.savefig(out / "quality.png", dpi=100)
     print("\n".join(lines))
@@ -232,9 +288,10 @@ def main() -> None:
     q = commands.add_parser("quality", help="clean-test exact match of each method over seeds")
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    q.add_argument("--steps", type=int, default=400)
-    q.add_argument("--reference-steps", type=int, default=400)
-    q.add_argument("--clean-examples", type=int, default=2000)
+    q.add_argument("--steps", type=int, default=300, help="steps of every run, the reference's too")
+    q.add_argument("--train-examples", type=int, default=8000)
+    q.add_argument("--unlearnable-share", type=float, default=0.25)
+    q.add_argument("--learnable-share", type=float, default=0.35)
     q.add_argument("--test-examples", type=int, default=None, help="first N test examples (default: all 500)")
     o = commands.add_parser("overhead", help="step time and peak memory of ssToken vs SFT")
     o.add_argument("--steps", type=int, default=30)
@@ -245,7 +302,7 @@ def main() -> None:
     w.add_argument("--steps", type=int, required=True)
     for sub in (q, o, w):
         sub.add_argument("--out", default=str(REPO / "outputs/bench/token_selection"))
-        sub.add_argument("--base", default=None, help="a saved base model (default: a from-scratch one)")
+        sub.add_argument("--base", default=None, help="a saved base model (overhead's default: a from-scratch one)")
     args = parser.parse_args()
     {"quality": quality, "overhead": overhead, "overhead-worker": overhead_worker}[args.command](args)
 

@@ -136,6 +136,18 @@ def dft_weights(logprobs, mask) -> torch.Tensor:
     return logprobs.detach().float().exp().masked_fill(~mask, 0.0)
 
 
+def attention_per_label(attention: torch.Tensor, row: str = "own") -> torch.Tensor:
+    """Per-position attention-to-prompt [B, T] -> one score per label position [B, T-1] (label position t is token
+    t + 1): `own` takes token t + 1's own attention row (the authors' ssToken code), `predicting` row t, the position
+    whose output predicts token t + 1 (under which the first response token always scores 1: its predicting row is
+    the last prompt token, which attends only to the prompt)."""
+    if row == "own":
+        return attention[:, 1:]
+    if row == "predicting":
+        return attention[:, :-1]
+    raise ValueError(f"row must be 'own' or 'predicting', got {row!r}")
+
+
 # --- attention to the prompt: one layer, recomputed ---------------------------------------------------------------
 
 
@@ -190,6 +202,7 @@ def attention_to_prompt(
     attention_mask: torch.Tensor | None = None,
     sink_tokens: int = 0,
     chunk_size: int = 256,
+    first_row: int = 0,
 ) -> torch.Tensor:
     """ssToken's semantic score A_t = (1/H) sum_h sum_{j in prompt} softmax(q_t k^T / sqrt(d) + causal)_j.
 
@@ -200,6 +213,8 @@ def attention_to_prompt(
     prompt_mask: [B, T] bool, the prompt tokens (keys whose attention mass is summed).
     attention_mask: optional [B, T] 0/1, the real (non-padding) tokens; padding keys get no attention.
     sink_tokens: leave the first `sink_tokens` prompt tokens of each row out of the sum (attention sinks).
+    first_row: compute query rows from this position on only (earlier rows are 0): the rows of the prompt are not
+    scored, and skipping them is most of the recompute when prompts are longer than responses.
     Returns [B, T] float: row t is the prompt share of the attention of query position t.
     """
     batch, length, _ = hidden_states.shape
@@ -212,7 +227,7 @@ def attention_to_prompt(
     positions = torch.arange(length, device=hidden_states.device)
     scale = getattr(attention, "scaling", head_dim**-0.5)
     out = torch.zeros(batch, length, device=hidden_states.device)
-    for start in range(0, length, chunk_size):
+    for start in range(max(first_row, 0), length, chunk_size):
         rows = positions[start : start + chunk_size]
         scores = torch.einsum("bhqd,bhkd->bhqk", q[:, :, rows], k) * scale
         allowed = (positions[None, :] <= rows[:, None])[None, None] & valid_keys[:, None, None, :]

@@ -80,6 +80,10 @@ def _gamma_range(t, tok):
     return ["train", str(recipe(t, method="token_loss", training={"gamma": -0.1}))]
 
 
+def _rho1_without_reference(t, tok):
+    return ["train", str(recipe(t, method="token_loss", training={"token_scorer": "rho1"}))]
+
+
 def _memory_size_range(t, tok):
     return ["train", str(recipe(t, method="trim_kv", training={"memory_size": 0}))]
 
@@ -276,6 +280,7 @@ CASES = [
     ("recipe-wrong-type", _wrong_type, r"training\.learning_rate"),
     ("recipe-select-ratio-out-of-range", _select_ratio_range, r"select_ratio must be in \(0, 1\]"),
     ("recipe-gamma-out-of-range", _gamma_range, r"gamma must be in \[0, 1\]"),
+    ("recipe-rho1-without-reference", _rho1_without_reference, r"reference_model must be a model trained on clean data"),
     ("recipe-memory-size-below-1", _memory_size_range, r"memory_size must be >= 1"),
     ("recipe-init-gates-missing", _init_gates_missing, r"init_gates: .*no-gates: no gates\.json"),
     ("recipe-rho-bounds", _rho_range, r"rho_min/rho_max"),

@@ -22,7 +22,7 @@ def rows(task, split="train", n=400, seed=0, **options):
 
 
 def test_registry_names_all_tasks():
-    assert set(TASKS) == {"noisy-sft", "mqar", "needle-qa", "conditioned", "induction"}
+    assert set(TASKS) == {"noisy-sft", "noisy-recall", "mqar", "needle-qa", "conditioned", "induction"}
     assert TASKS["noisy-sft"] is noisy_sft and TASKS["conditioned"] is conditioned
 
 

@@ -118,9 +118,12 @@ def test_selection_metrics_and_kept_fraction(rows, tiny_tokenizer, tmp_path):
 
 
 def test_rho1_and_random_train_only_the_adapters(rows, tiny_tokenizer, tmp_path):
+    reference = tmp_path / "reference"  # any saved model will do as the clean-data reference here
+    fresh_model(tiny_tokenizer, seed=1).save_pretrained(reference)
     for scorer in ("rho1", "random"):
         args = config(tmp_path / scorer, token_scorer=scorer, select_ratio=0.6, max_steps=2,
-                      per_device_train_batch_size=4, learning_rate=1e-2, optim="adamw_torch")
+                      per_device_train_batch_size=4, learning_rate=1e-2, optim="adamw_torch",
+                      **({"reference_model": str(reference)} if scorer == "rho1" else {}))
         trainer, _ = train(rows, tiny_tokenizer, args, peft=True)
         start = lora(fresh_model(tiny_tokenizer)).state_dict()
         after = trainer.model.state_dict()

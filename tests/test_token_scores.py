@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokensieve.selectors.token_scores import (
+    attention_per_label,
     attention_to_prompt,
     capture_attention_inputs,
     dft_weights,
@@ -15,6 +16,7 @@ from tokensieve.selectors.token_scores import (
     sstoken_score,
     sstoken_select,
 )
+from tokensieve.trainers.token_loss import TokenLossConfig
 
 F, T_ = False, True
 
@@ -116,3 +118,13 @@ def test_attention_to_prompt_matches_eager_attention(tiny_model, sink_tokens):
     assert torch.allclose(got[real], expected[real], atol=1e-5), architecture
     if sink_tokens == 0:
         assert torch.allclose(got[0, :5], torch.ones(5))  # a prompt token attends only to the prompt
+    # The trainer's default alignment: label position t (token t + 1) gets token t + 1's own row (the authors').
+    assert TokenLossConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none").attention_row == "own"
+    per_label = attention_per_label(got, "own")
+    assert torch.allclose(per_label[0, 4:8], expected[0, 5:9], atol=1e-5)  # the response tokens of row 0
+    assert torch.allclose(attention_per_label(got, "predicting")[0, 4:8], expected[0, 4:8], atol=1e-5)
+    assert not torch.allclose(per_label[0, 4:8], attention_per_label(got, "predicting")[0, 4:8])
+    # Rows from first_row on only (the prompt's rows are never scored): the same values there, 0 before.
+    partial = attention_to_prompt(attention, captured["hidden_states"], captured["position_embeddings"], prompt,
+                                  attention_mask, sink_tokens=sink_tokens, chunk_size=5, first_row=4)
+    assert torch.equal(partial[:, :4], torch.zeros(2, 4)) and torch.allclose(partial[:, 4:], got[:, 4:], atol=1e-6)

@@ -88,10 +88,11 @@ class TokenColumnCollator:
 
     def __call__(self, examples: list[dict]) -> dict:
         keys = list(self.token_columns) + (["reference_input_ids", "reference_labels"] if self.reference else [])
+        keys = [key for key in keys if key in examples[0]]  # e.g. ground truth in the training data only
         extras = {key: [example[key] for example in examples] for key in keys}
         batch = self.collator([{k: v for k, v in example.items() if k not in keys} for example in examples])
         response = batch["labels"] != -100
-        for column in self.token_columns:
+        for column in (c for c in self.token_columns if c in extras):
             values = torch.zeros(response.shape, dtype=torch.float32)
             flat = [v for row in extras[column] for v in row]
             values[response] = torch.tensor(flat, dtype=torch.float32)

@@ -18,6 +18,7 @@ do not depend on how the global batch is split.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from contextlib import nullcontext
@@ -31,13 +32,16 @@ from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
 from tokensieve.errors import TrainingError
+from tokensieve.selectors.selection_quality import KINDS, KINDS_COLUMN, NOISE_KINDS, selection_quality
 from tokensieve.selectors.token_scores import (
+    attention_per_label,
     attention_to_prompt,
     capture_attention_inputs,
     dft_weights,
     excess_loss_select,
     kept_count,
     prior_weights,
+    sstoken_score,
     sstoken_select,
     top_k_per_row,
 )
@@ -60,6 +64,7 @@ from tokensieve.trainers.token_columns import (
 SCORERS = ("sstoken", "rho1", "random", "prior", "column", "dft", "none")
 HISTORY_MODES = ("base", "ema", "offline")
 SELECTION_LEVELS = ("sample", "batch")
+ATTENTION_ROWS = ("own", "predicting")
 
 
 @dataclass
@@ -77,10 +82,16 @@ class TokenLossConfig(ConfigDefaults, SFTConfig):
                           "('batch'). rho1 always selects per batch."},
     )
     gamma: float = field(default=0.5, metadata={"help": "ssToken: weight of the loss-difference score vs attention."})
-    gamma_warmup_steps: int = field(
-        default=0,
+    gamma_warmup_steps: float = field(
+        default=0.2,
         metadata={"help": "ssToken: optimizer steps at the start that use gamma = 0 (attention only), while the "
-                          "history and current models are still nearly the same."},
+                          "history and current models are still nearly the same. A value below 1 is a share of the "
+                          "training steps (as TrainingArguments.warmup_steps); default 0.2, as the authors' code."},
+    )
+    attention_row: str = field(
+        default="own",
+        metadata={"help": "ssToken: whose attention row scores a response token: 'own' (the token's own row, as "
+                          "the authors' code) or 'predicting' (the row of the position that predicts it)."},
     )
     attention_layer: int = field(
         default=-1, metadata={"help": "ssToken: decoder layer whose attention to the prompt is recomputed."}
@@ -99,10 +110,11 @@ class TokenLossConfig(ConfigDefaults, SFTConfig):
         default="history_loss",
         metadata={"help": "ssToken offline history: column of per-response-token history losses."},
     )
-    reference_model: str = field(
-        default="base",
-        metadata={"help": "rho1/prior reference: 'base' (the starting model: adapters disabled under LoRA, else a "
-                          "frozen copy) or a hub name / local path."},
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "rho1: a model trained on clean data (hub name or local path; required). prior: 'base' "
+                          "(the default: the starting model, adapters disabled under LoRA, else a frozen copy) or "
+                          "a hub name / local path."},
     )
     reference_prompt_column: str | None = field(
         default="prompt_without_context",
@@ -122,6 +134,12 @@ class TokenLossConfig(ConfigDefaults, SFTConfig):
             (self.selection_level in SELECTION_LEVELS, "selection_level", "'sample' or 'batch'", self.selection_level),
             (0.0 <= self.gamma <= 1.0, "gamma", "in [0, 1]", self.gamma),
             (self.gamma_warmup_steps >= 0, "gamma_warmup_steps", ">= 0", self.gamma_warmup_steps),
+            (self.attention_row in ATTENTION_ROWS, "attention_row", f"one of {', '.join(ATTENTION_ROWS)}",
+             self.attention_row),
+            (not (self.token_scorer == "rho1" and self.reference_model in (None, "base")), "reference_model",
+             "a model trained on clean data (hub name or local path) for rho1: Rho-1's excess loss is over such a "
+             "reference ('base', the starting model, would give L_cur - L_base, i.e. minus ssToken's REL)",
+             self.reference_model),
             (self.attention_sink_tokens >= 0, "attention_sink_tokens", ">= 0", self.attention_sink_tokens),
             (self.history_model in HISTORY_MODES, "history_model", f"one of {', '.join(HISTORY_MODES)}",
              self.history_model),
@@ -165,13 +183,13 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
 
     def __init__(self, model, args: TokenLossConfig, *rest, **kwargs):
         self.ema = None
+        self._ground_truth = False  # whether the training data has token kinds (selection scored against them)
         self.frozen = None  # the start model (or a reference), when there is no LoRA adapter to disable
-        needs_base = (args.token_scorer == "sstoken" and args.history_model == "base") or (
-            args.token_scorer in ("rho1", "prior") and args.reference_model == "base")
+        base_reference = args.token_scorer == "prior" and args.reference_model in (None, "base")
+        needs_base = (args.token_scorer == "sstoken" and args.history_model == "base") or base_reference
         is_peft = hasattr(model, "disable_adapter")
         zero3 = is_deepspeed_zero3_enabled()
-        reference = args.reference_model if args.token_scorer in ("rho1", "prior") and args.reference_model != "base" \
-            else None
+        reference = args.reference_model if args.token_scorer in ("rho1", "prior") and not base_reference else None
         if zero3 and args.token_scorer == "sstoken" and args.history_model == "ema":
             raise TrainingError("history_model 'ema' is not supported under DeepSpeed ZeRO-3 (the EMA would need the "
                                 "partitioned parameters gathered every step); use 'base' or 'offline', or ZeRO-2")
@@ -182,7 +200,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             else:
                 self.frozen = frozen_copy(model)  # one more full copy of the weights (say so in the docs)
         super().__init__(model, args, *rest, **kwargs)
-        self.data_collator = TokenColumnCollator(self.data_collator, args.token_columns(),
+        self.data_collator = TokenColumnCollator(self.data_collator, self._token_columns(),
                                                  self.processing_class.pad_token_id, args.uses_reference_prompt)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if reference is not None:
@@ -205,7 +223,10 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         if needs_columns and EXAMPLE_INDEX not in dataset.column_names:
             dataset = dataset.add_column(EXAMPLE_INDEX, list(range(len(dataset))))
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
-        for column in args.token_columns():
+        truth = KINDS_COLUMN in dataset.column_names
+        if dataset_name == "train":
+            self._ground_truth = truth
+        for column in args.token_columns() + ([KINDS_COLUMN] if truth else []):
             dataset = check_token_column(dataset, column, dataset_name, args.max_length,
                                          keep_end=args.truncation_mode == "keep_end")
         if args.uses_reference_prompt:
@@ -214,7 +235,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = self.args.token_columns() + (["reference_input_ids", "reference_labels"]
+        extra = self._token_columns() + (["reference_input_ids", "reference_labels"]
                                              if self.args.uses_reference_prompt else [])
         self._signature_columns = list(self._signature_columns) + [c for c in extra if c not in self._signature_columns]
 
@@ -275,12 +296,36 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             base = base.get_base_model()
         return base.get_decoder().layers[self.args.attention_layer].self_attn
 
+    def _gamma_warmup_steps(self) -> int:
+        value = self.args.gamma_warmup_steps
+        return math.ceil(value * self.state.max_steps) if value < 1 else int(value)
+
+    def _token_columns(self) -> list[str]:
+        """The per-token columns the batches carry: the configuration's, and the ground truth where the data has it."""
+        return self.args.token_columns() + ([KINDS_COLUMN] if self._ground_truth else [])
+
+    @staticmethod
+    def _selection_quality(scores, weights, kinds, mask) -> dict[str, torch.Tensor]:
+        """Sums for the ground-truth metrics; the same keys on every rank and step (they are gathered together)."""
+        quality = selection_quality(scores, weights, kinds, mask)
+        stats = {}
+        for kind in KINDS:
+            tokens = quality.get(f"tokens_{kind}", 0.0)
+            stats[f"truth_tokens_{kind}"] = torch.tensor(tokens)
+            stats[f"truth_kept_{kind}"] = torch.tensor(quality.get(f"kept_{kind}", 0.0) * tokens)
+            stats[f"truth_weight_{kind}"] = torch.tensor(quality.get(f"weight_{kind}", 0.0) * tokens)
+        for kind in NOISE_KINDS:
+            value = quality.get(f"auroc_clean_vs_{kind}")
+            stats[f"truth_auroc_{kind}"] = torch.tensor(0.0 if value is None else value)
+            stats[f"truth_auroc_n_{kind}"] = torch.tensor(0.0 if value is None else 1.0)
+        return stats
+
     # --- the loss ----------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
         mode = "train" if self.model.training else "eval"
-        extra_keys = args.token_columns() + ["reference_input_ids", "reference_attention_mask", "reference_labels"]
+        extra_keys = self._token_columns() + ["reference_input_ids", "reference_attention_mask", "reference_labels"]
         extras = {k: inputs.pop(k) for k in extra_keys if k in inputs}
         labels = inputs["labels"]
         mask = labels[:, 1:] != -100
@@ -301,19 +346,25 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
 
         if scorer == "sstoken":
             prompt = (labels == -100) & inputs["attention_mask"].bool()
+            # Only the rows that score a response token: from the first label position of the batch on (its own row
+            # is one further with attention_row "own").
+            first_label = int(mask.any(dim=0).nonzero()[0]) if mask.any() else labels.shape[1]
             attention = attention_to_prompt(self._attention_layer(model), captured["hidden_states"],
                                             captured["position_embeddings"], prompt, inputs["attention_mask"],
-                                            sink_tokens=args.attention_sink_tokens)[:, :-1]
-            gamma = 0.0 if self.state.global_step < args.gamma_warmup_steps else args.gamma
+                                            sink_tokens=args.attention_sink_tokens, first_row=first_label)
+            attention = attention_per_label(attention, args.attention_row)
+            gamma = 0.0 if self.state.global_step < self._gamma_warmup_steps() else args.gamma
+            scores = sstoken_score(history_loss, current, attention, mask, gamma)
             weights = sstoken_select(history_loss, current, attention, mask, gamma, args.select_ratio,
                                      args.selection_level).float()
             stats["rel_sum"] = ((history_loss - current) * mask).sum()
             stats["attention_sum"] = (attention * mask).sum()
         elif scorer == "rho1":
+            scores = current + reference_logprobs  # excess loss L_cur - L_ref
             weights = excess_loss_select(current, -reference_logprobs, mask, args.select_ratio).float()
         elif scorer == "random":
             generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
-            noise = torch.rand(mask.shape, generator=generator).to(mask.device)
+            noise = scores = torch.rand(mask.shape, generator=generator).to(mask.device)
             if args.selection_level == "batch":
                 k = torch.tensor([kept_count(mask, args.select_ratio, "batch")], device=mask.device)
                 weights = top_k_per_row(noise.view(1, -1), mask.view(1, -1), k).view_as(mask).float()
@@ -328,6 +379,10 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             weights = dft_weights(outputs.log_probs, mask)
         else:
             weights = mask.float()
+        if scorer not in ("sstoken", "rho1", "random"):
+            scores = weights  # a weighting's score is its weight
+        if KINDS_COLUMN in extras:
+            stats.update(self._selection_quality(scores, weights, extras[KINDS_COLUMN][:, 1:].long(), mask))
 
         normaliser = num_items_in_batch if num_items_in_batch is not None else self._local_normaliser(
             {"labels": labels, **extras})
@@ -364,6 +419,15 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             age = self.state.global_step - (self.ema.updated_at if self.ema is not None else 0)
             if self.args.history_model != "offline":
                 metrics["history_age"].append(float(age))
+        # Selection against the data's ground truth: per kind the kept share and mean weight, and the AUROC of the
+        # score for clean vs each noise kind (a micro-batch's AUROC, averaged; selectors/selection_quality.py).
+        for kind in KINDS if "truth_tokens_clean" in s else ():
+            if s[f"truth_tokens_{kind}"] > 0:
+                metrics[f"truth_kept_{kind}"].append(s[f"truth_kept_{kind}"] / s[f"truth_tokens_{kind}"])
+                metrics[f"truth_weight_{kind}"].append(s[f"truth_weight_{kind}"] / s[f"truth_tokens_{kind}"])
+        for kind in NOISE_KINDS if "truth_tokens_clean" in s else ():
+            if s[f"truth_auroc_n_{kind}"] > 0:
+                metrics[f"truth_auroc_clean_vs_{kind}"].append(s[f"truth_auroc_{kind}"] / s[f"truth_auroc_n_{kind}"])
 
     # --- checkpoints -------------------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from tokensieve.errors import TokensieveError
 # task's import cost or error does not touch the others.
 _TASK_MODULES = {
     "noisy-sft": "tokensieve.data.synthetic.noisy_sft",
+    "noisy-recall": "tokensieve.data.synthetic.noisy_recall",
     "mqar": "tokensieve.data.synthetic.mqar",
     "needle-qa": "tokensieve.data.synthetic.needle_qa",
     "conditioned": "tokensieve.data.synthetic.conditioned",
