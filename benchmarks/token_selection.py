@@ -15,6 +15,8 @@ value with p = --learnable-share, else clean) and is scored by greedy exact matc
     sstoken-g0   the same, gamma 0 (attention only)
     sstoken-g1   the same, gamma 1 (REL only, no warm-up)
     sstoken-ema  the same as sstoken with an EMA history
+    curate       `tokensieve curate` (excess loss of the base over the clean reference, top 60% per response), then
+                 the base fine-tuned on the curated token_mask only (scorer column)
 The reference of rho1 and prior is the base fine-tuned on a clean train split (both shares 0). The selection table
 averages the trainer's ground-truth metrics (truth_*) over each run's logged steps: share of each kind of token
 kept (or mean weight) and the AUROC of the score for clean vs each noise kind.
@@ -50,6 +52,7 @@ METHODS = {
     "sstoken-g0": (SSTOKEN, ["--gamma", "0"]),
     "sstoken-g1": (SSTOKEN, ["--gamma", "1", "--gamma_warmup_steps", "0"]),
     "sstoken-ema": (SSTOKEN, ["--history_model", "ema"]),
+    "curate": (SSTOKEN, ["--token_scorer", "column", "--token_weights_column", "token_mask"]),
 }
 TRUTH = [("kept clean", "truth_kept_clean"), ("kept unlearnable", "truth_kept_unlearnable"),
          ("kept learnable", "truth_kept_learnable"), ("kept other", "truth_kept_other"),
@@ -106,6 +109,20 @@ def truth_means(run_dir: Path) -> dict[str, float]:
     return means
 
 
+def curated(base: str, reference: Path, train: Path, out: Path) -> Path:
+    """`tokensieve curate recipes/tiny/curate.yaml` on the noisy train split: token_mask = the top 60% of each
+    response by the base's excess loss over the clean reference (the rows keep their noise_spans)."""
+    from tokensieve.data.curation import run_curation
+    from tokensieve.launch.recipe import load_curate_recipe
+
+    output = out / "curated.parquet"
+    if not output.exists():
+        run_curation(load_curate_recipe(REPO / "recipes/tiny/curate.yaml", [
+            "--model.name_or_path", base, "--reference_model", str(reference), "--output", str(output),
+            "--data.datasets", json.dumps([{"path": str(train)}])]))
+    return output
+
+
 def quality(args) -> None:
     from tokensieve.data.synthetic import make_task
 
@@ -126,15 +143,21 @@ def quality(args) -> None:
     results = {"environment": environment(args.seeds), "base": args.base, "reference": str(reference),
                "steps": args.steps, "seeds": args.seeds, "shares": shares, "test_examples": args.test_examples,
                "runs": {}}
+    previous = out / "quality.json"
+    if previous.exists():  # a later call with other --methods adds to the same table (same base, steps, data)
+        earlier = json.loads(previous.read_text())
+        if all(earlier.get(k) == results[k] for k in ("base", "steps", "shares", "test_examples")):
+            results["runs"] = {m: r for m, r in earlier["runs"].items() if m not in args.methods}
     results["base_exact_match"] = exact_match(Path(args.base), test, args.test_examples)
     results["reference_exact_match"] = exact_match(reference, test, args.test_examples)
     for method in args.methods:
         recipe, extra = METHODS[method]
+        train = curated(args.base, reference, noisy / "train.jsonl", out) if method == "curate" else noisy / "train.jsonl"
         for seed in args.seeds:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             start = time.time()
-            run_recipe(recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(
-                noisy / "train.jsonl") + [x.format(reference=reference) for x in extra])
+            run_recipe(recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(train)
+                       + [x.format(reference=reference) for x in extra])
             seconds = time.time() - start
             score = exact_match(run_dir, test, args.test_examples)
             results["runs"].setdefault(method, []).append(

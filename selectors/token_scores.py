@@ -57,6 +57,18 @@ def top_fraction(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torc
     return flat.view_as(mask)
 
 
+def select_top_share(scores: torch.Tensor, mask: torch.Tensor, ratio: float, level: str = "sample") -> torch.Tensor:
+    """Keep the top ceil(ratio * n_b) masked entries of each row b (`level="sample"`), or the top ceil(ratio * N) of
+    the whole batch (`level="batch"`). Returns a bool [B, T] subset of `mask`."""
+    _check_ratio("ratio", ratio)
+    if level == "batch":
+        return top_fraction(scores, mask, ratio)
+    if level != "sample":
+        raise ValueError(f"level must be 'sample' or 'batch', got {level!r}")
+    k = torch.ceil(ratio * mask.sum(dim=1).double()).long()
+    return top_k_per_row(scores, mask, k)
+
+
 def kept_count(mask: torch.Tensor, ratio: float, level: str = "sample") -> int:
     """How many tokens a selection at `ratio` keeps: sum of ceil(ratio * n_b) per row, or ceil(ratio * N) per batch.
 
@@ -98,12 +110,7 @@ def sstoken_select(
     """
     _check_ratio("rho", rho)
     score = sstoken_score(history_loss, current_loss, attn_to_prompt, response_mask, gamma)
-    if level == "batch":
-        return top_fraction(score, response_mask, rho)
-    if level != "sample":
-        raise ValueError(f"level must be 'sample' or 'batch', got {level!r}")
-    k = torch.ceil(rho * response_mask.sum(dim=1).double()).long()
-    return top_k_per_row(score, response_mask, k)
+    return select_top_share(score, response_mask, rho, level)
 
 
 def excess_loss_select(current_loss, reference_loss, mask, ratio: float) -> torch.Tensor:

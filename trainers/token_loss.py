@@ -41,9 +41,8 @@ from tokensieve.selectors.token_scores import (
     excess_loss_select,
     kept_count,
     prior_weights,
+    select_top_share,
     sstoken_score,
-    sstoken_select,
-    top_k_per_row,
 )
 from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
@@ -355,8 +354,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             attention = attention_per_label(attention, args.attention_row)
             gamma = 0.0 if self.state.global_step < self._gamma_warmup_steps() else args.gamma
             scores = sstoken_score(history_loss, current, attention, mask, gamma)
-            weights = sstoken_select(history_loss, current, attention, mask, gamma, args.select_ratio,
-                                     args.selection_level).float()
+            weights = select_top_share(scores, mask, args.select_ratio, args.selection_level).float()  # sstoken_select
             stats["rel_sum"] = ((history_loss - current) * mask).sum()
             stats["attention_sum"] = (attention * mask).sum()
         elif scorer == "rho1":
@@ -364,13 +362,8 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             weights = excess_loss_select(current, -reference_logprobs, mask, args.select_ratio).float()
         elif scorer == "random":
             generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
-            noise = scores = torch.rand(mask.shape, generator=generator).to(mask.device)
-            if args.selection_level == "batch":
-                k = torch.tensor([kept_count(mask, args.select_ratio, "batch")], device=mask.device)
-                weights = top_k_per_row(noise.view(1, -1), mask.view(1, -1), k).view_as(mask).float()
-            else:
-                k = torch.ceil(args.select_ratio * mask.sum(1).double()).long()
-                weights = top_k_per_row(noise, mask, k).float()
+            scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+            weights = select_top_share(scores, mask, args.select_ratio, args.selection_level).float()
         elif scorer == "prior":
             weights = prior_weights(reference_logprobs, mask, args.prior_alpha)
         elif scorer == "column":

@@ -32,9 +32,9 @@ class Options:
     """Options of the noisy-recall task."""
 
     unlearnable_share: float = field(
-        default=0.2, metadata={"help": "Train split: probability that an answer value is a random pool word."})
+        default=0.25, metadata={"help": "Train split: probability that an answer value is a random pool word."})
     learnable_share: float = field(
-        default=0.45, metadata={"help": "Train split: probability that an answer value is the asked key, echoed."})
+        default=0.35, metadata={"help": "Train split: probability that an answer value is the asked key, echoed."})
     num_pairs: int = field(default=8, metadata={"help": "Key-value pairs in each context."})
     context_words: int = field(default=48, metadata={"help": "Context length in words (filler plus the pairs)."})
     train_queries: int = field(default=8, metadata={"help": "Questions per training row; test rows ask one."})
