@@ -33,13 +33,16 @@ def straight_through_mask(scores: torch.Tensor, threshold: torch.Tensor, tau: fl
                           mask: torch.Tensor | None = None) -> torch.Tensor:
     """A 0/1 keep mask in the forward pass with the gradient of a soft one.
 
-    gumbel: hard Gumbel-softmax over [r - t, 0] (sampling noise explores); else plain STE of sigmoid((r - t)/tau).
-    At least one valid token per row is kept (the highest-scoring one).
+    gumbel: hard Gumbel-softmax over the logits [(r - t) / tau, 0] at temperature 1 (sampling noise explores): token j
+    is kept with probability sigmoid((r_j - t) / tau), the very terms `solve_threshold` makes sum to the target, so
+    the expected kept count is the target for every tau. (Gumbel over [r - t, 0] at temperature tau would keep with
+    probability sigmoid(r - t) whatever tau is: far more than the target for tau < 1.) Else plain STE of
+    sigmoid((r - t) / tau) > 0.5. At least one valid token per row is kept (the highest-scoring one).
     """
     margin = scores - threshold[:, None]
     if gumbel:
-        logits = torch.stack([margin, torch.zeros_like(margin)], dim=-1)
-        keep = F.gumbel_softmax(logits, tau=tau, hard=True)[..., 0]
+        logits = torch.stack([margin / tau, torch.zeros_like(margin)], dim=-1)
+        keep = F.gumbel_softmax(logits, tau=1.0, hard=True)[..., 0]
     else:
         soft = torch.sigmoid(margin / tau)
         keep = (soft > 0.5).to(soft.dtype) + soft - soft.detach()

@@ -55,6 +55,20 @@ def test_straight_through_mask_is_hard_with_a_gradient():
         scores.grad = None
 
 
+@pytest.mark.parametrize("n, rho, tau", [(200, 0.2, 0.1), (64, 6 / 64, 0.1), (500, 0.05, 0.3), (300, 0.5, 1.0),
+                                         (128, 0.1, 0.03)])
+def test_gumbel_mask_keeps_the_target_count_on_average(n, rho, tau):
+    """Over many draws the hard Gumbel mask keeps rho * N tokens on average, for any tau (issue 18: it used to keep
+    tokens with probability sigmoid(r - t) whatever tau was, e.g. 85 of a target 40 at N = 200, tau 0.1)."""
+    torch.manual_seed(0)
+    draws = 400
+    scores = torch.randn(1, n).expand(draws, n).contiguous()  # one row, many draws of the noise
+    target = torch.full((draws,), rho * n)
+    threshold = solve_threshold(scores, target, tau)
+    keep = straight_through_mask(scores, threshold, tau, gumbel=True)
+    assert abs(keep.detach().sum(-1).mean().item() - rho * n) <= max(0.03 * rho * n, 0.5)
+
+
 def test_hard_top_n_keeps_the_best_in_original_order():
     scores = torch.tensor([[0.1, 0.9, 0.3, 0.8], [0.5, 0.4, 0.0, 0.0]])
     mask = torch.tensor([[True] * 4, [True, True, False, False]])
