@@ -44,6 +44,30 @@ def test_evicted_bias_keeps_the_top_keys_of_every_row():
     assert torch.equal(evicted_bias(retention_bias(log_beta), 5), retention_bias(log_beta))
 
 
+@pytest.mark.parametrize("memory", [None, 20])
+def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory):
+    """A bf16 model's gated attention equals the fp32 computation on the same (bf16) inputs, output and log-beta
+    gradient within fp32 tolerance: the bias (t - i) log beta_i is never rounded to bf16."""
+    torch.manual_seed(0)
+    query, key, value = (torch.randn(2, h, 64, 8).bfloat16() for h in (4, 2, 2))
+    log_beta = (-torch.rand(2, 2, 64) * 0.3).requires_grad_()  # the gate's output, fp32
+    upstream = torch.randn(2, 64, 4, 8).bfloat16().float()  # representable in bf16: the same in both paths
+    module = torch.nn.Module()
+    module.__dict__["_retention_train_memory"] = memory
+
+    def run(q, k, v, dtype):
+        beta = log_beta.detach().clone().requires_grad_()
+        output = _biased_attention(module, q, k, v, None, beta, 8**-0.5, 0.0)[0].to(dtype)
+        gradient, = torch.autograd.grad((output.float() * upstream).sum(), beta)
+        return output, gradient
+
+    output, gradient = run(query, key, value, torch.bfloat16)
+    reference, reference_gradient = run(query.float(), key.float(), value.float(), torch.bfloat16)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, reference, rtol=0, atol=0)
+    torch.testing.assert_close(gradient, reference_gradient)  # fp32 tolerance
+
+
 def test_training_with_eviction_attends_to_the_kept_keys_with_soft_gradients():
     torch.manual_seed(0)
     query, key, value = torch.randn(2, 4, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)  # 2 groups
