@@ -199,7 +199,11 @@ def load_selector_pipeline(path, base_model: str | None = None, dtype=None, devi
     if model.config.model_type != config.get("architecture"):
         raise ModelError(f"{path}: selector trained for {config.get('architecture')!r}, base is "
                          f"{model.config.model_type!r}")
-    selector = QuerySelector(**config["selector"])
+    options = dict(config["selector"])
+    if options.pop("reencoder_layers", 0):  # exports before the option was removed wrote it (0 by default)
+        raise ModelError(f"{path}: this selector has re-encoder layers, which tokensieve no longer supports (they fed "
+                         f"the scorer only, never the LM); retrain it")
+    selector = QuerySelector(**options)
     load_selector_weights(selector, path)
     attach_selector(model, selector)
     if device is not None:

@@ -41,12 +41,13 @@ class QuerySelector(nn.Module):
 
     hidden_size: width of the candidate and query features (after the optional projector);
     feature_size: width of external candidate features (e.g. vision-encoder outputs); a linear projector maps them
-    to hidden_size. reencoder_layers: small self-attention blocks over the candidates before scoring.
+    to hidden_size. (There is no re-encoder: QTSplus re-encodes the kept tokens and feeds those to the LM, but here
+    the LM reads the kept tokens themselves, so a re-encoder would only ever have fed the scorer.)
     """
 
     def __init__(self, hidden_size: int, num_heads: int = 4, budget_hidden: int = 256, rho_min: float = 0.05,
                  rho_max: float = 0.5, n_max: int | None = None, tau: float = 0.1, gumbel: bool = True,
-                 reencoder_layers: int = 0, feature_size: int | None = None, running_mean_momentum: float = 0.99):
+                 feature_size: int | None = None, running_mean_momentum: float = 0.99):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
@@ -54,28 +55,18 @@ class QuerySelector(nn.Module):
             raise ValueError(f"need 0 < rho_min <= rho_max <= 1, got {rho_min}, {rho_max}")
         self.config = {"hidden_size": hidden_size, "num_heads": num_heads, "budget_hidden": budget_hidden,
                        "rho_min": rho_min, "rho_max": rho_max, "n_max": n_max, "tau": tau, "gumbel": gumbel,
-                       "reencoder_layers": reencoder_layers, "feature_size": feature_size,
+                       "feature_size": feature_size,
                        "running_mean_momentum": running_mean_momentum}
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.rho_min, self.rho_max, self.n_max, self.tau, self.gumbel = rho_min, rho_max, n_max, tau, gumbel
         self.momentum = running_mean_momentum
         self.projector = nn.Linear(feature_size, hidden_size) if feature_size else None
-        self.reencoder = nn.ModuleList(
-            nn.TransformerEncoderLayer(hidden_size, num_heads, 2 * hidden_size, dropout=0.0, batch_first=True,
-                                       norm_first=True)
-            for _ in range(reencoder_layers))
         self.query_norm = nn.LayerNorm(hidden_size)
         self.key_norm = nn.LayerNorm(hidden_size)
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
         self.budget = nn.Sequential(nn.Linear(hidden_size + 3, budget_hidden), nn.GELU(), nn.Linear(budget_hidden, 1))
         self.register_buffer("rho_running_mean", torch.tensor((rho_min + rho_max) / 2))
-
-    def encode_candidates(self, candidates: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.projector(candidates) if self.projector is not None else candidates
-        for block in self.reencoder:
-            x = block(x, src_key_padding_mask=~mask)
-        return x
 
     def relevance(self, candidates, candidate_mask, query, query_mask) -> torch.Tensor:
         """r_j = max over heads h and query positions l of softmax_N(q_l k_j / sqrt(d_h)): [B, N] in [0, 1]."""
@@ -106,7 +97,7 @@ class QuerySelector(nn.Module):
             raise ValueError(f"candidate features have width {candidates.shape[-1]}; this selector expects {expected}")
         if query.shape[-1] != hidden:
             raise ValueError(f"query features have width {query.shape[-1]}; this selector expects hidden_size {hidden}")
-        x = self.encode_candidates(candidates, candidate_mask)
+        x = self.projector(candidates) if self.projector is not None else candidates
         scores = self.relevance(x, candidate_mask, query, query_mask)
         counts = candidate_mask.sum(-1).float()
         if n is not None or ratio is not None:

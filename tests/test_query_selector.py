@@ -111,7 +111,7 @@ def test_budget_terms_by_hand():
 
 
 def test_projected_features_and_baseline_scores():
-    selector = QuerySelector(hidden_size=16, num_heads=2, feature_size=40, reencoder_layers=1).eval()
+    selector = QuerySelector(hidden_size=16, num_heads=2, feature_size=40).eval()
     features, query = torch.randn(2, 30, 40), torch.randn(2, 3, 16)
     keep = selector(features, torch.ones(2, 30, dtype=torch.bool), query, torch.ones(2, 3, dtype=torch.bool)).keep
     assert keep.shape == (2, 30) and keep.sum() >= 2
@@ -293,6 +293,17 @@ def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tm
     assert fixed.default_ratio == 0.25
     assert torch.equal(fixed.select(batch), fixed.select(batch, ratio=0.25))
     assert load_selector_pipeline(tmp_path / "export").default_ratio is None
+    # Exports written while the (removed) re-encoder option existed carry reencoder_layers: 0 loads, > 0 is refused.
+    config_file = tmp_path / "export-fixed/selector.json"
+    config = json.loads(config_file.read_text())
+    for layers in (0, 1):
+        config["selector"]["reencoder_layers"] = layers
+        config_file.write_text(json.dumps(config))
+        if layers:
+            with pytest.raises(ModelError, match="re-encoder layers, which tokensieve no longer supports"):
+                load_selector_pipeline(tmp_path / "export-fixed")
+        else:
+            assert load_selector_pipeline(tmp_path / "export-fixed").default_ratio == 0.25
 
     with pytest.raises(ModelError, match="no selector.json"):
         load_selector_pipeline(tmp_path / "nothing")

@@ -46,7 +46,6 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
     max_kept_tokens: int | None = field(default=None, metadata={"help": "n_max: cap on kept tokens (default: N)."})
     selector_tau: float = field(default=0.1, metadata={"help": "Temperature of the soft threshold / Gumbel mask."})
     gumbel: bool = field(default=True, metadata={"help": "Gumbel straight-through (else plain STE)."})
-    reencoder_layers: int = field(default=0, metadata={"help": "Self-attention blocks over candidates before scoring."})
     fixed_keep_ratio: float | None = field(
         default=None, metadata={"help": "Train for a fixed share of the context instead of the learned budget."}
     )
@@ -102,7 +101,7 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
     def selector_kwargs(self, hidden_size: int) -> dict:
         return dict(hidden_size=hidden_size, num_heads=self.selector_heads, budget_hidden=self.budget_hidden,
                     rho_min=self.rho_min, rho_max=self.rho_max, n_max=self.max_kept_tokens, tau=self.selector_tau,
-                    gumbel=self.gumbel, reencoder_layers=self.reencoder_layers)
+                    gumbel=self.gumbel)
 
 
 def attach_selector(model, selector: QuerySelector) -> QuerySelector:
