@@ -33,6 +33,7 @@ def tokenize_prompt_completion(
     `token_kinds`, one kind id per response token (`tokensieve.selectors.selection_quality.KINDS`).
     """
     eos = tokenizer.eos_token
+    truth = GROUND_TRUTH_SPANS in dataset.column_names
 
     def encode(batch):
         # Special tokens (a BOS, where the tokenizer adds one) as TRL's own tokenization adds them.
@@ -53,8 +54,6 @@ def tokenize_prompt_completion(
                 for offsets, prompt, spans, row_labels in zip(encoded["offset_mapping"], batch["prompt"],
                                                               batch[GROUND_TRUTH_SPANS], labels)]
         return columns
-
-    truth = GROUND_TRUTH_SPANS in dataset.column_names
 
     return dataset.map(
         encode, batched=True, batch_size=batch_size, num_proc=num_proc, desc="Tokenizing prompt/completion"

@@ -140,15 +140,11 @@ def _parameters(function) -> list[str]:
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+@lru_cache(maxsize=None)  # once per class: it runs whenever one of our trainers is built
 def check_private_overrides(cls: type) -> None:
     """Fail, naming the upstream change, if a private method `cls` overrides is gone from (or has other parameters
     in) the transformers/TRL class it comes from. A silently unused override would train with the wrong loss
     normaliser or resume without the gates, so this runs whenever one of our trainers is built."""
-    _check_private_overrides(cls)
-
-
-@lru_cache(maxsize=None)
-def _check_private_overrides(cls: type) -> None:
     ours = [klass for klass in cls.__mro__ if klass.__module__.startswith("tokensieve.")]
     upstream = [klass for klass in cls.__mro__ if klass not in ours and klass is not object]
     for name in PRIVATE_OVERRIDES:
