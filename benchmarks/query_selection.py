@@ -7,12 +7,13 @@ training-free baselines, all through the same SelectorPipeline.
 accuracy: two selectors are trained on the frozen base with recipes/tiny/query_selector.yaml (learned budget, and
 fixed 10% budget) unless --learned/--fixed name exports; then every method answers the needle-qa test split:
 full context; the learned-budget selector at its own budget and at each fixed share; the fixed-budget selector at
-each share; PromptDistill-style scoring at the feature layer; first-n, last-n, random-n.
+each share; PromptDistill (the full prompt through its selection layer, then the kept tokens' hidden states) and
+GemFilter (the same scores, then the whole LM re-run on the kept tokens from position 0); first-n, last-n, random-n.
 --lora adds a third selector, trained by recipes/tiny/query_selector_lora.yaml (fixed 10% budget, LoRA adapters so
 the LM learns to read a context with gaps, attention distillation); the LM with those adapters merged then answers
 with full context, with that selector, and with every baseline (rows marked "LoRA LM").
-prefill: wall time and KV-cache bytes of answering with the selector at --ratio (feature pass + reduced prefill)
-vs the full context, alternating, best of --repeats.
+prefill: wall time and KV-cache bytes of the prefill (selection included) of the selector, PromptDistill and GemFilter
+at --ratio vs the full context, alternating, best of --repeats.
 Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/query_selection).
 """
 
@@ -26,12 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from tokensieve.upstream import with_cache
-
 from common import REPO, environment, environment_lines, pyplot, run_recipe
 
 TEST = REPO / "data/tasks/needle-qa/test.jsonl"
-BASELINES = ["promptdistill", "first", "last", "random"]
+BASELINES = ["promptdistill", "gemfilter", "first", "last", "random"]
 RECIPE_STEPS = 300  # max_steps of recipes/tiny/query_selector.yaml
 
 
@@ -86,7 +85,8 @@ def accuracy(args) -> None:
     seeds = {trained_seed(folder) for folder in (learned, fixed, lora if args.lora else None) if folder is not None}
     results = {"environment": environment(sorted(seeds - {None}) or (0,)), "base": args.base, "learned": str(learned),
                "fixed": str(fixed), "lora": str(lora) if args.lora else None,
-               "ratios": args.ratios, "examples": len(rows), "rows": {}}
+               "ratios": args.ratios, "examples": len(rows), "rows": {},
+               "selection_layers": {m: pipe_learned.layer_for(m) for m in ("promptdistill", "gemfilter")}}
 
     def record(name, column, pipeline, **select):
         score, share = selector_exact_match(pipeline, prompts, answers, desc=f"{name} @ {column}", **select)
@@ -119,7 +119,9 @@ def write_accuracy_report(out: Path, results: dict) -> None:
         f"Base `{results['base']}` (frozen); {results['examples']} test examples. Full context: {full:.3f}. "
         f"Learned budget on its own: {own['exact_match']:.3f} keeping {own['kept_share']:.1%} of the context."
         + (f" Full context on the LoRA LM: {rows['full context (LoRA LM)']['all']['exact_match']:.3f}."
-           if "full context (LoRA LM)" in rows else ""), "",
+           if "full context (LoRA LM)" in rows else "")
+        + " Selection layers: " + ", ".join(f"{m} {layer}" for m, layer in results["selection_layers"].items())
+        + ".", "",
         "| method | " + " | ".join(f"{float(r):.0%} kept" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
@@ -139,12 +141,12 @@ def write_accuracy_report(out: Path, results: dict) -> None:
     print("\n".join(lines))
 
 
+PREFILL_METHODS = ["full", "selector", "promptdistill", "gemfilter"]
+
+
 @torch.no_grad()
 def prefill(args) -> None:
-    from transformers import DynamicCache
-
     from tokensieve.launch.export import load_selector_pipeline
-    from tokensieve.trainers.selector_lm import reduced_inputs
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -152,41 +154,40 @@ def prefill(args) -> None:
     pipe = load_selector_pipeline(learned)
     contexts, queries, _ = load_rows(args.batch_size, pipe.query_separator)
     batch = pipe.encode(contexts, queries)
-    model = pipe.model
-
-    def run(method):
-        keep = pipe.select(batch, method, ratio=args.ratio) if method != "full" else batch["context_mask"].bool()
-        inputs = reduced_inputs(model, batch["context_ids"], batch["context_mask"], keep, batch["query_ids"],
-                                batch["query_mask"], left_pad=True)
-        inputs.pop("labels")
-        cache = DynamicCache(config=model.config)
-        model(**inputs, use_cache=True, **with_cache(model, cache))
-        return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
-
-    timings, kv_bytes = {"full": [], "selector": []}, {}
-    for _ in range(args.repeats):
-        for method in ("full", "selector"):
+    timings, kv_bytes = {method: [] for method in PREFILL_METHODS}, {}
+    for _ in range(args.repeats):  # alternating, so drift on a shared machine hits every method alike
+        for method in PREFILL_METHODS:
             start = time.perf_counter()
-            kv_bytes[method] = run(method)
+            state = pipe.prefill(batch, method, ratio=None if method == "full" else args.ratio)
             timings[method].append(time.perf_counter() - start)
+            kv_bytes[method] = state.kv_bytes()
     best = {m: min(t) for m, t in timings.items()}
+    layers = {m: pipe.layer_for(m) for m in ("promptdistill", "gemfilter")}
     results = {"environment": environment(), "ratio": args.ratio, "batch_size": len(contexts),
-               "seconds": timings, "kv_bytes": kv_bytes, "time_ratio": best["selector"] / best["full"],
-               "kv_ratio": kv_bytes["selector"] / kv_bytes["full"]}
+               "feature_layer": pipe.feature_layer, "selection_layers": layers, "seconds": timings,
+               "kv_bytes": kv_bytes, "time_ratio": {m: best[m] / best["full"] for m in PREFILL_METHODS},
+               "kv_ratio": {m: kv_bytes[m] / kv_bytes["full"] for m in PREFILL_METHODS}}
     (out / "prefill.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["# Prefill with the selector vs the full context", ""] + environment_lines(results["environment"]) + [
-        f"Batch of {len(contexts)} needle-qa prompts; selector at {args.ratio:.0%} of the context (its cost includes "
-        f"the feature pass through the first {pipe.feature_layer} layer(s) over the full context); best of "
-        f"{args.repeats} alternating runs.", "",
-        "| | prefill (s) | KV-cache bytes after prefill |", "|---|---|---|",
-        f"| full context | {best['full']:.4f} | {kv_bytes['full']} |",
-        f"| selector | {best['selector']:.4f} | {kv_bytes['selector']} |", "",
-        f"Ratios selector / full: time {results['time_ratio']:.2f}, KV bytes {results['kv_ratio']:.2f}"]
+    depth = len(pipe.model.get_decoder().layers)
+    lines = ["# Prefill with a kept share of the context vs the full context", ""] + environment_lines(
+        results["environment"]) + [
+        f"Batch of {len(contexts)} needle-qa prompts, {args.ratio:.0%} of the context kept; a {depth}-layer LM. "
+        f"Each time includes the selection: the selector's feature pass through the first {pipe.feature_layer} "
+        f"layer(s) over the full prompt; PromptDistill's full prompt through layers 0..{layers['promptdistill']} "
+        f"(selecting at layer {layers['promptdistill']}), then the kept tokens through the rest; GemFilter's pass "
+        f"to layer {layers['gemfilter']}'s attention, then the whole LM on the kept tokens. Best of {args.repeats} "
+        f"alternating runs.", "",
+        "| method | prefill (s) | / full | KV-cache bytes after prefill | / full |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {best[m]:.4f} | {results['time_ratio'][m]:.2f} | {kv_bytes[m]:,} | "
+              f"{results['kv_ratio'][m]:.2f} |" for m in PREFILL_METHODS]
     (out / "prefill.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
-    figure, axis = plt.subplots(figsize=(4, 3))
-    axis.bar(["full", "selector"], [best["full"], best["selector"]], color=["#999999", "#4c72b0"])
-    axis.set_ylabel("prefill seconds")
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3))
+    colours = ["#999999", "#4c72b0", "#dd8452", "#55a868"]
+    axes[0].bar(PREFILL_METHODS, [best[m] for m in PREFILL_METHODS], color=colours)
+    axes[0].set_ylabel("prefill seconds")
+    axes[1].bar(PREFILL_METHODS, [kv_bytes[m] / 2**20 for m in PREFILL_METHODS], color=colours)
+    axes[1].set_ylabel("KV cache (MiB)")
     figure.tight_layout()
     figure.savefig(out / "prefill.png", dpi=100)
     print("\n".join(lines))

@@ -342,3 +342,77 @@ def test_recipe_and_generate_cli(tiny_tokenizer, tmp_path, repo_root, capsys):
     assert scores["kept_share"] == pytest.approx(sum(3 / len(tiny_tokenizer(r["prompt"][:r["prompt"].rfind(" ?")],
                                                                          add_special_tokens=False)["input_ids"])
                                                      for r in rows()) / 32)
+
+
+def _reference_logits(model, ids: torch.Tensor, positions: torch.Tensor, after_layer: int | None = None,
+                      kept: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' own forward for one unpadded row: the next-token logits after `ids` at `positions`; with
+    `after_layer`, the hidden states leaving that layer over the whole row, restricted to `kept` indices, go on
+    through the remaining layers alone (PromptDistill)."""
+    if after_layer is None:
+        return model(input_ids=ids[None], position_ids=positions[None]).logits[0, -1]
+    hidden = model(input_ids=ids[None], position_ids=positions[None], output_hidden_states=True).hidden_states
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    decoder.layers = torch.nn.ModuleList(list(layers)[after_layer + 1:])
+    try:
+        # An explicit attention mask: without one, transformers reads gaps in position_ids as packed sequences.
+        out = decoder(inputs_embeds=hidden[after_layer + 1][:, kept], position_ids=positions[kept][None],
+                      attention_mask=torch.ones(1, len(kept), dtype=torch.long), use_cache=False).last_hidden_state
+    finally:
+        decoder.layers = layers
+    return model.lm_head(out[0, -1])
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+def test_promptdistill_and_gemfilter_prefill_match_transformers_forward(tiny_tokenizer, architecture):
+    model = fresh_model(tiny_tokenizer, architecture)  # 3 layers
+    pipe = SelectorPipeline(model, tiny_tokenizer, feature_layer=1)
+    contexts = ["record 1 : key k1 maps to v3 ; record 2 : key k2 maps to v1 ;", "key k2 maps to v7 ;"]
+    queries = [" ? copy k1", " ? copy it now"]
+    batch = pipe.encode(contexts, queries)
+    for layer in (0, 1):
+        pipe.selection_layer = layer
+        state = pipe.prefill(batch, "promptdistill", ratio=0.4)
+        assert torch.equal(state.keep, pipe.select(batch, "gemfilter", ratio=0.4))  # same scores, same layer
+        for b in range(2):
+            n, q = int(batch["context_mask"][b].sum()), int(batch["query_mask"][b].sum())
+            ids = torch.cat([batch["context_ids"][b, :n], batch["query_ids"][b, :q]])
+            kept = torch.cat([state.keep[b, :n].nonzero().squeeze(-1), torch.arange(n, n + q)])
+            assert 0 < state.keep[b].sum() < n
+            expected = _reference_logits(model, ids, torch.arange(n + q), layer, kept)
+            torch.testing.assert_close(state.logits[b], expected, atol=1e-4, rtol=1e-4)
+            # GemFilter: the kept tokens and the query as a prompt of their own, from position 0.
+            gem = pipe.prefill(batch, "gemfilter", ratio=0.4)
+            torch.testing.assert_close(gem.logits[b], _reference_logits(model, ids[kept], torch.arange(len(kept))),
+                                       atol=1e-4, rtol=1e-4)
+        # Layers 0..layer cache the whole prompt, the later ones only the kept tokens and the query.
+        full_width = int((batch["context_mask"].sum(-1) + batch["query_mask"].sum(-1)).max())
+        kept_width = int((state.keep.sum(-1) + batch["query_mask"].sum(-1)).max())
+        lengths = [state.cache.layers[i].keys.shape[2] for i in range(3)]
+        assert lengths == [full_width] * (layer + 1) + [kept_width] * (2 - layer)
+        assert state.kv_bytes() < pipe.prefill(batch, "full").kv_bytes()
+    with pytest.raises(ValueError, match=r"selection layer must be in \[0, 1\]"):
+        pipe.selection_layer = 2
+        pipe.prefill(batch, "promptdistill", ratio=0.4)
+
+
+def test_every_method_decodes_like_generate_when_it_keeps_everything(tiny_tokenizer):
+    model = fresh_model(tiny_tokenizer)
+    pipe = SelectorPipeline(model, tiny_tokenizer, feature_layer=1)
+    contexts, queries = ["record 1 : key k1 maps to v3 ; more words", "key k2 ;"], [" ? copy", " ? copy it"]
+    batch = pipe.encode(contexts, queries)
+    expected = []
+    for b in range(2):
+        n, q = int(batch["context_mask"][b].sum()), int(batch["query_mask"][b].sum())
+        ids = torch.cat([batch["context_ids"][b, :n], batch["query_ids"][b, :q]])[None]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
+                             pad_token_id=tiny_tokenizer.pad_token_id)
+        expected.append(out[0, ids.shape[1]:].tolist())
+    for method in ("full", "promptdistill", "gemfilter", "first"):
+        ids, keep = pipe.answer(contexts, queries, 5, method=method, **({} if method == "full" else {"ratio": 1.0}))
+        assert ids.tolist() == expected, method
+        assert torch.equal(keep, batch["context_mask"].bool())
+    # Keeping less, PromptDistill's first token still sees the whole prompt through layer 0.
+    ids, keep = pipe.answer(contexts, queries, 5, method="promptdistill", ratio=0.3)
+    assert (keep.sum(-1) < batch["context_mask"].sum(-1)).all() and ids.shape == (2, 5)

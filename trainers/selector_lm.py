@@ -5,7 +5,10 @@
                  queries/keys for PromptDistill-style scoring. The rest of the network is skipped.
     reduced LM   input embeddings of the kept context tokens (times the keep mask, so gradients reach the
                  selector), at their original positions, then the query (and answer) tokens after the full context.
-    answers      greedy decoding from that input with a KV cache (positions continue after the query).
+    prefill      the whole LM over that input (the selector, GemFilter and the position baselines), or PromptDistill's
+                 two stages: the full prompt through the selection layer, then only the kept tokens' hidden states.
+    answers      greedy decoding from the prefilled KV cache (positions continue after the query); the decoder layers
+                 are called one by one so that each stage's layers read their own cache.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
-from tokensieve.upstream import with_cache
+from tokensieve.upstream import attn_implementation, with_cache
 
 
 class _Stop(Exception):
@@ -50,8 +53,8 @@ class Features:
 def lm_features(model, context_ids, context_mask, query_ids, query_mask, layer: int) -> Features:
     """Run decoder layers 0 .. layer-1 over [context (right-padded); query (right-padded)] and stop."""
     decoder = _base(model).get_decoder()
-    if not 1 <= layer < len(decoder.layers):
-        raise ValueError(f"feature layer must be in [1, {len(decoder.layers) - 1}], got {layer}")
+    if not 0 <= layer < len(decoder.layers):
+        raise ValueError(f"feature layer must be in [0, {len(decoder.layers) - 1}], got {layer}")
     ids = torch.cat([context_ids, query_ids], dim=1)
     mask = torch.cat([context_mask, query_mask], dim=1).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -113,48 +116,186 @@ def reduced_inputs(model, context_ids, context_mask, keep, query_ids, query_mask
     return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, "labels": labels}
 
 
-@torch.no_grad()
-def greedy_answers(model, inputs: dict, max_new_tokens: int) -> torch.Tensor:
-    """Greedy continuation [B, max_new_tokens] of left-padded `reduced_inputs(..., left_pad=True)`."""
-    embed = _base(model).get_input_embeddings()
+# --- inference: prefill (whole model, or PromptDistill's two stages) then greedy decoding -------------------------
+
+
+def _additive_mask(valid: torch.Tensor, queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, queries, K] additive mask: the queries are the last `queries` of the K keys (cache + new), causal by
+    index, padding keys (`valid` 0) masked. A float mask works with both eager and sdpa attention."""
+    keys = valid.shape[1]
+    rows = torch.arange(queries, device=valid.device)[:, None] + keys - queries
+    allowed = (torch.arange(keys, device=valid.device)[None] <= rows)[None, None] & valid.bool()[:, None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _run_layers(model, layers: range, hidden, positions, valid, cache) -> torch.Tensor:
+    """Decoder layers `layers` over `hidden` [B, T, D], appending to `cache`; `valid` [B, K] marks the real keys of
+    those layers' cache after this call (K = cached + T)."""
+    decoder = _base(model).get_decoder()
+    mask = _additive_mask(valid, hidden.shape[1], hidden.dtype)
+    rotary = decoder.rotary_emb(hidden, position_ids=positions)
+    for index in layers:
+        layer = decoder.layers[index]
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, use_cache=True,
+                       **with_cache(layer, cache))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
+
+
+def _next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, V] logits from the last position's hidden state (final norm, LM head)."""
+    base = _base(model)
+    return base.get_output_embeddings()(base.get_decoder().norm(hidden[:, -1]))
+
+
+@dataclass
+class Prefill:
+    """A prompt after prefill, ready for greedy decoding.
+
+    `stages`: (decoder layers, key mask [B, K] of those layers' cache) in layer order; one stage for methods that
+    run the whole model on one input, two for PromptDistill (layers 0..l hold the full context, the rest only the
+    kept tokens)."""
+
+    logits: torch.Tensor  # [B, V] next-token logits after the prompt
+    cache: DynamicCache
+    stages: list[tuple[range, torch.Tensor]]
+    next_position: torch.Tensor  # [B, 1] position of the first generated token
+    keep: torch.Tensor  # [B, N] bool, the kept context tokens
+
+    def kv_bytes(self) -> int:
+        """Bytes held by the KV cache (keys and values of every layer, padding included)."""
+        return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in self.cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def _check_attention(model) -> None:
+    from tokensieve.selectors.keep_attention import KEEP_ATTENTION  # sdpa when no key_keep is passed
+
+    implementation = attn_implementation(_base(model))
+    if implementation not in ("eager", "sdpa", KEEP_ATTENTION):
+        raise ValueError(f"selector inference runs the decoder layers with a float attention mask, which needs the "
+                         f"'eager' or 'sdpa' attention implementation; the model uses {implementation!r}")
+
+
+def prefill_reduced(model, batch: dict, keep: torch.Tensor, contiguous_positions: bool = False) -> Prefill:
+    """The whole model over [kept context; query] (left-padded): the kept tokens at their original positions and
+    the query after the full context's length, or, with `contiguous_positions`, everything renumbered 0, 1, ...
+    as if the kept tokens were the whole prompt (GemFilter)."""
+    _check_attention(model)
+    inputs = reduced_inputs(model, batch["context_ids"], batch["context_mask"], keep, batch["query_ids"],
+                            batch["query_mask"], left_pad=True)
+    valid, positions = inputs["attention_mask"], inputs["position_ids"]
+    if contiguous_positions:
+        positions = (valid.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=_base(model).config)
-    mask, positions = inputs["attention_mask"], inputs["position_ids"]
-    out = model(inputs_embeds=inputs["inputs_embeds"], attention_mask=mask, position_ids=positions,
-                use_cache=True, **with_cache(model, cache))
-    next_position = positions.max(dim=-1, keepdim=True).values + 1
+    layers = range(len(_base(model).get_decoder().layers))
+    hidden = _run_layers(model, layers, inputs["inputs_embeds"], positions, valid, cache)
+    return Prefill(_next_token_logits(model, hidden), cache, [(layers, valid)],
+                   positions.max(dim=-1, keepdim=True).values + 1, keep.bool())
+
+
+def prefill_promptdistill(model, batch: dict, layer: int, target: torch.Tensor) -> Prefill:
+    """PromptDistill (arXiv 2503.23274): layers 0..`layer` run over the full [context; query]; at `layer` the context
+    is scored by the head-mean q_last . k_j of that layer's attention (avg-pooled), the top `target` tokens are
+    kept, and only their hidden states leaving `layer` (plus the query's), at their original positions, go on
+    through the later layers. The KV cache of layers 0..`layer` holds the full prompt, the later ones only the kept
+    tokens and the query."""
+    from tokensieve.selectors.query_selector import promptdistill_scores
+    from tokensieve.selectors.topn import hard_top_n
+
+    _check_attention(model)
+    decoder = _base(model).get_decoder()
+    depth = len(decoder.layers)
+    if not 0 <= layer <= depth - 2:
+        raise ValueError(f"the PromptDistill selection layer must be in [0, {depth - 2}] (at least one layer must "
+                         f"run on the kept tokens), got {layer}")
+    context_mask = batch["context_mask"]
+    full = reduced_inputs(model, batch["context_ids"], context_mask, context_mask.bool(), batch["query_ids"],
+                          batch["query_mask"], left_pad=True)
+    valid, positions = full["attention_mask"], full["position_ids"]
+    cache = DynamicCache(config=_base(model).config)
+    attention = decoder.layers[layer].self_attn
+    with capture_attention_inputs(attention) as captured:
+        hidden = _run_layers(model, range(layer + 1), full["inputs_embeds"], positions, valid, cache)
+    q, k = rotary_queries_keys(attention, captured["hidden_states"], captured["position_embeddings"])
+    width, count = valid.shape[1], context_mask.shape[1]
+    start = width - valid.sum(-1, keepdim=True)  # left padding: each row's context begins here
+    context_index = (start + torch.arange(count, device=valid.device)).clamp(max=width - 1)  # [B, N]
+    keys = k.gather(2, context_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
+    keep = hard_top_n(promptdistill_scores(q[:, :, -1], keys, context_mask), target, context_mask)
+    query_lengths = batch["query_mask"].sum(-1)
+    rows = [torch.cat([context_index[b][keep[b]], torch.arange(width - int(query_lengths[b]), width,
+                                                              device=valid.device)]) for b in range(len(keep))]
+    kept_width = max(len(r) for r in rows)
+    index = torch.zeros(len(rows), kept_width, dtype=torch.long, device=valid.device)
+    kept_valid = torch.zeros_like(index)
+    for b, row in enumerate(rows):
+        index[b, kept_width - len(row):], kept_valid[b, kept_width - len(row):] = row, 1
+    hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+    kept_positions = positions.gather(1, index)
+    later = range(layer + 1, depth)
+    hidden = _run_layers(model, later, hidden, kept_positions, kept_valid, cache)
+    return Prefill(_next_token_logits(model, hidden), cache, [(range(layer + 1), valid), (later, kept_valid)],
+                   positions.max(dim=-1, keepdim=True).values + 1, keep)
+
+
+@torch.no_grad()
+def greedy_decode(model, state: Prefill, max_new_tokens: int) -> torch.Tensor:
+    """Greedy continuation [B, max_new_tokens] of a prefilled prompt; each stage's layers read their own cache."""
+    embed = _base(model).get_input_embeddings()
+    logits, position, stages = state.logits, state.next_position, list(state.stages)
     tokens = []
     for step in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        token = logits.argmax(-1, keepdim=True)
         tokens.append(token)
         if step + 1 == max_new_tokens:
             break
-        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        out = model(inputs_embeds=embed(token), attention_mask=mask, position_ids=next_position,
-                    use_cache=True, **with_cache(model, cache))
-        next_position = next_position + 1
+        hidden = embed(token)
+        for index, (layers, valid) in enumerate(stages):
+            valid = torch.cat([valid, torch.ones_like(token)], dim=1)
+            stages[index] = (layers, valid)
+            hidden = _run_layers(model, layers, hidden, position, valid, state.cache)
+        logits = _next_token_logits(model, hidden)
+        position = position + 1
     return torch.cat(tokens, dim=1)
 
 
-SELECTION_METHODS = ("selector", "promptdistill", "first", "last", "random", "full")
+SELECTION_METHODS = ("selector", "promptdistill", "gemfilter", "first", "last", "random", "full")
 
 
 class SelectorPipeline:
     """Context + query -> kept context tokens -> greedy answer, for a trained selector or a training-free baseline.
 
-    methods: "selector" (the trained QuerySelector: n or ratio if given, else the fixed share it was trained at,
-    else its learned budget), "promptdistill"
-    (head-mean q_last . k_j at the feature layer, avg-pooled), "first", "last", "random", "full" (no selection).
+    Methods ("selector" and the position baselines read the kept tokens' embeddings at their original positions):
+      selector       the trained QuerySelector: n or ratio if given, else the fixed share it was trained at, else
+                     its learned budget;
+      promptdistill  PromptDistill as published: the full prompt through the selection layer, then only the kept
+                     tokens' hidden states (`prefill_promptdistill`);
+      gemfilter      GemFilter: the same scores at the selection layer, then the whole model re-run on the kept
+                     tokens and the query, renumbered from position 0 as a shorter prompt;
+      first, last, random   the first, last or a random n context tokens;
+      full           no selection.
+    `selection_layer`: the layer whose attention scores the context for promptdistill and gemfilter; by default
+    the feature layer (for promptdistill at most the second-to-last layer, so that a layer runs on the kept tokens).
     """
 
     def __init__(self, model, tokenizer, selector=None, feature_layer: int = 1, query_separator: str = " ?",
-                 seed: int = 0, default_ratio: float | None = None):
+                 seed: int = 0, default_ratio: float | None = None, selection_layer: int | None = None):
         self.model, self.tokenizer, self.selector = model.eval(), tokenizer, selector
         # A selector trained at a fixed share keeps that share unless told otherwise: its budget head never trained.
         self.default_ratio = default_ratio
         self.feature_layer, self.query_separator = feature_layer, query_separator
+        self.selection_layer = selection_layer
         self.generator = torch.Generator().manual_seed(seed)
         if selector is not None:
             selector.eval()
+
+    def layer_for(self, method: str) -> int:
+        """The selection layer of promptdistill or gemfilter."""
+        if self.selection_layer is not None:
+            return self.selection_layer
+        depth = len(_base(self.model).get_decoder().layers)
+        return min(self.feature_layer, depth - 2) if method == "promptdistill" else self.feature_layer
 
     def encode(self, contexts: list[str], queries: list[str]) -> dict:
         """Padded context/query ids and masks; an empty context or a query as long as the model's position limit
@@ -176,12 +317,20 @@ class SelectorPipeline:
                                                                   batch_first=True).to(device)
         return out
 
+    def _target(self, batch: dict, n: int | None, ratio: float | None) -> torch.Tensor:
+        if n is None and ratio is None:
+            raise ValueError("a baseline needs n or ratio (how many context tokens to keep)")
+        counts = batch["context_mask"].sum(-1).float()
+        return torch.full_like(counts, float(n)) if n is not None else torch.ceil(ratio * counts - 1e-6)
+
     @torch.no_grad()
     def select(self, batch: dict, method: str = "selector", n: int | None = None, ratio: float | None = None):
         """A bool keep mask [B, N] over the context tokens."""
         from tokensieve.selectors.query_selector import position_scores, promptdistill_scores
         from tokensieve.selectors.topn import hard_top_n
 
+        if method not in SELECTION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}, got {method!r}")
         mask = batch["context_mask"].bool()
         if method == "full":
             return mask
@@ -194,25 +343,29 @@ class SelectorPipeline:
                                    batch["query_mask"], self.feature_layer)
             return self.selector(features.context.float(), mask, features.query.float(), batch["query_mask"],
                                  n=n, ratio=ratio).keep
-        counts = mask.sum(-1).float()
-        target = torch.full_like(counts, float(n)) if n is not None else torch.ceil(ratio * counts - 1e-6)
-        if method == "promptdistill":
+        target = self._target(batch, n, ratio)
+        if method == "promptdistill":  # the selection happens inside its prefill
+            return prefill_promptdistill(self.model, batch, self.layer_for(method), target).keep
+        if method == "gemfilter":
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
-                                   batch["query_mask"], self.feature_layer)
+                                   batch["query_mask"], self.layer_for(method))
             scores = promptdistill_scores(features.q_last, features.context_keys, mask)
-        elif method in ("first", "last", "random"):
-            scores = position_scores(mask, method, self.generator)
         else:
-            raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}, got {method!r}")
+            scores = position_scores(mask, method, self.generator)
         return hard_top_n(scores, target, mask)
+
+    @torch.no_grad()
+    def prefill(self, batch: dict, method: str = "selector", n: int | None = None,
+                ratio: float | None = None) -> Prefill:
+        """Select (by `method`) and prefill the LM with what is kept; `Prefill.kv_bytes()` is the cache it leaves."""
+        if method == "promptdistill":
+            return prefill_promptdistill(self.model, batch, self.layer_for(method), self._target(batch, n, ratio))
+        keep = self.select(batch, method, n, ratio)
+        return prefill_reduced(self.model, batch, keep, contiguous_positions=method == "gemfilter")
 
     @torch.no_grad()
     def answer(self, contexts: list[str], queries: list[str], max_new_tokens: int, method: str = "selector",
                n: int | None = None, ratio: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(generated ids [B, max_new_tokens], keep mask [B, N])."""
-        batch = self.encode(contexts, queries)
-        keep = self.select(batch, method, n, ratio)
-        inputs = reduced_inputs(self.model, batch["context_ids"], batch["context_mask"], keep, batch["query_ids"],
-                                batch["query_mask"], left_pad=True)
-        inputs.pop("labels")
-        return greedy_answers(self.model, inputs, max_new_tokens), keep
+        state = self.prefill(self.encode(contexts, queries), method, n, ratio)
+        return greedy_decode(self.model, state, max_new_tokens), state.keep
