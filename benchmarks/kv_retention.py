@@ -3,6 +3,7 @@
     python benchmarks/kv_retention.py accuracy  [--base outputs/base/tiny_recall] [--budgets 0.1 0.25 0.5]
     python benchmarks/kv_retention.py inference [--memory-size 32]
     python benchmarks/kv_retention.py training  [--steps 20]
+    python benchmarks/kv_retention.py training-lengths [--lengths 512 1024 2048 4096]
 
 accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml and fine-tuned with eviction by
 recipes/tiny/trim_kv_evict.yaml (unless --gates names an export; the soft stage alone is a row of its own), then
@@ -13,6 +14,8 @@ length tokens per (layer, kv head) (buffer = max(1, M // 4)). Policies: gates (T
 inference: KV-cache bytes after generating past M (RetentionCache vs the full DynamicCache), and decode tokens/s
 at a context of 8 x M for several M (--decode-memory-sizes), full and retention cache alternating in one process.
 training: gate-training step time / LoRA SFT step time on the same data and batch size.
+training-lengths: step time and step memory of gate training (dense bias vs chunked attention, soft and with
+eviction) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
 """
 
@@ -28,7 +31,7 @@ import torch
 
 from tokensieve.upstream import with_cache
 
-from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
+from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer, training_step_cost
 
 TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
 MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
@@ -274,6 +277,121 @@ def training(args) -> None:
     print("\n".join(lines))
 
 
+LENGTH_ARMS = {  # name: (label, gate kernel or None for LoRA SFT, train_with_eviction)
+    "lora_sft": ("LoRA SFT (r16, all linear)", None, False),
+    "gates_dense": ("gates, dense [B, H, T, T] bias (before)", "dense", False),
+    "gates_chunked": ("gates, chunked attention", "chunked", False),
+    "evict_dense": ("gates + eviction, dense bias (before)", "dense", True),
+    "evict_chunked": ("gates + eviction, chunked attention", "chunked", True),
+}
+
+
+def measure_step(arm: str, length: int, steps: int, base: str, memory_size: int, chunk: int) -> dict:
+    """Seconds per training step (forward + backward, median after one warm-up) and the memory the step adds on
+    top of the loaded model (CUDA: peak allocated; CPU: peak resident set), for one arm at one sequence length."""
+    import tempfile
+
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokensieve.trainers.guards import GuardedSFTTrainer, SFTBaselineConfig
+    from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
+
+    _, kernel, evict = LENGTH_ARMS[arm]
+    cuda = torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if cuda else torch.float32)
+    dataset = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    common = {"per_device_train_batch_size": 1, "report_to": "none", "use_cpu": not cuda, "bf16": cuda,
+              "activation_checkpointing": False, "save_strategy": "no"}
+    with tempfile.TemporaryDirectory() as tmp:
+        if kernel is None:
+            trainer = GuardedSFTTrainer(model=model, args=SFTBaselineConfig(output_dir=tmp, **common),
+                                        train_dataset=dataset, processing_class=tokenizer,
+                                        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+        else:
+            args = RetentionConfig(output_dir=tmp, memory_size=memory_size, train_with_eviction=evict,
+                                   training_attention=kernel, training_attention_chunk=chunk, **common)
+            trainer = RetentionTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    device = trainer.args.device
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, tokenizer.vocab_size, (1, length), generator=generator)
+    labels = ids.clone()
+    labels[:, : length // 2] = -100  # a prompt half and a completion half
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": labels.to(device)}
+    return training_step_cost(trainer, batch, steps)
+
+
+def training_lengths(args) -> None:
+    """Each (arm, length) in a fresh process, so that one arm's peak memory does not hide another's."""
+    import subprocess
+    import sys
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"environment": environment(), "lengths": args.lengths, "memory_size": args.memory_size,
+               "chunk": args.chunk, "arms": {arm: {} for arm in LENGTH_ARMS}}
+    for length in args.lengths:
+        for _ in range(args.repeats):  # alternating arms, so drift on a shared machine hits all of them
+            for arm in LENGTH_ARMS:
+                command = [sys.executable, __file__, "training-lengths", "--one", arm, "--base", args.base,
+                           "--lengths", str(length), "--steps", str(args.steps), "--memory-size",
+                           str(args.memory_size), "--chunk", str(args.chunk)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{arm} at {length} tokens failed:\n{done.stderr[-3000:]}")
+                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                entry = results["arms"][arm].setdefault(str(length), {"seconds": [], "step_bytes": []})
+                entry["seconds"].append(measured["seconds"])
+                entry["step_bytes"].append(measured["step_bytes"])
+                print(f"[training-lengths] {arm} @ {length}: {measured}", flush=True)
+    (out / "training_lengths.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_lengths_report(out, results)
+
+
+def write_lengths_report(out: Path, results: dict) -> None:
+    lengths = [str(n) for n in results["lengths"]]
+    arms = results["arms"]
+
+    def best(arm, length, key):
+        return min(arms[arm][length][key])
+
+    lines = ["# Gate-training step vs LoRA SFT step by sequence length", ""] + environment_lines(
+        results["environment"]) + [
+        f"One row of T tokens (half prompt, half completion), forward + backward (`Trainer.training_step`), median of "
+        f"the steps after a warm-up, best of the repeats; memory: what a step adds on top of the loaded model (peak "
+        f"allocated on CUDA, peak resident set on CPU), each arm in a fresh process. M = {results['memory_size']}, "
+        f"chunk {results['chunk']} query rows.", "",
+        "| arm | " + " | ".join(f"T = {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for arm, (label, _, _) in LENGTH_ARMS.items():
+        cells = []
+        for n in lengths:
+            seconds, memory = best(arm, n, "seconds"), best(arm, n, "step_bytes")
+            if arm == "lora_sft":
+                cells.append(f"{seconds:.3f} s, {memory / 2**20:.0f} MiB")
+            else:
+                cells.append(f"{seconds / best('lora_sft', n, 'seconds'):.2f}x time, "
+                             f"{memory / max(best('lora_sft', n, 'step_bytes'), 1):.2f}x memory "
+                             f"({memory / 2**20:.0f} MiB)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Gate rows: step time and step memory as ratios to the LoRA SFT step at the same length."]
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for arm, (label, _, _) in LENGTH_ARMS.items():
+        axis.plot([int(n) for n in lengths], [best(arm, n, "step_bytes") / 2**20 for n in lengths], marker="o",
+                  label=label)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log", base=2)
+    axis.set_xlabel("sequence length T")
+    axis.set_ylabel("step memory (MiB)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(out / "training_lengths.png", dpi=100)
+    (out / "training_lengths.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -289,13 +407,24 @@ def main() -> None:
     t = commands.add_parser("training")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=2)
-    for sub in (a, i, t):
+    n = commands.add_parser("training-lengths")
+    n.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    n.add_argument("--steps", type=int, default=3)
+    n.add_argument("--repeats", type=int, default=2)
+    n.add_argument("--memory-size", type=int, default=128)
+    n.add_argument("--chunk", type=int, default=128)
+    n.add_argument("--one", default=None, choices=sorted(LENGTH_ARMS), help=argparse.SUPPRESS)
+    for sub in (a, i, t, n):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
         sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")
         sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/kv_retention"))
     args = parser.parse_args()
-    {"accuracy": accuracy, "inference": inference, "training": training}[args.command](args)
+    if args.command == "training-lengths" and args.one:  # one measurement, in a process of its own
+        print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk)))
+        return
+    {"accuracy": accuracy, "inference": inference, "training": training,
+     "training-lengths": training_lengths}[args.command](args)
 
 
 if __name__ == "__main__":

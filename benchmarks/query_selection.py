@@ -8,7 +8,8 @@ accuracy: two selectors are trained on the frozen base with recipes/tiny/query_s
 fixed 10% budget) unless --learned/--fixed name exports; then every method answers the needle-qa test split:
 full context; the learned-budget selector at its own budget and at each fixed share; the fixed-budget selector at
 each share; PromptDistill (the full prompt through its selection layer, then the kept tokens' hidden states) and
-GemFilter (the same scores, then the whole LM re-run on the kept tokens from position 0); first-n, last-n, random-n.
+GemFilter (the same scores, then the whole LM re-run on the kept tokens from position 0); qk-top (the same scores,
+the kept tokens read at their original positions, as the selector's are); first-n, last-n, random-n.
 --lora adds a third selector, trained by recipes/tiny/query_selector_lora.yaml (fixed 10% budget, LoRA adapters so
 the LM learns to read a context with gaps, attention distillation); the LM with those adapters merged then answers
 with full context, with that selector, and with every baseline (rows marked "LoRA LM").
@@ -30,7 +31,7 @@ import yaml
 from common import REPO, environment, environment_lines, pyplot, run_recipe
 
 TEST = REPO / "data/tasks/needle-qa/test.jsonl"
-BASELINES = ["promptdistill", "gemfilter", "first", "last", "random"]
+BASELINES = ["promptdistill", "gemfilter", "qk-top", "first", "last", "random"]
 RECIPE_STEPS = 300  # max_steps of recipes/tiny/query_selector.yaml
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -66,14 +68,138 @@ def evicted_bias(bias: torch.Tensor, memory_size: int) -> torch.Tensor:
     return bias.masked_fill(bias < threshold, -math.inf)
 
 
-def _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout):
+TRAINING_KERNELS = ("chunked", "flex", "dense")
+DEFAULT_CHUNK = 128
+
+
+def _block_bias(log_beta: torch.Tensor, allowed: torch.Tensor | None, start: int, rows: int) -> torch.Tensor:
+    """Rows start .. start+rows of the training bias over keys 0 .. end (end = start + rows, causal): [B, H_kv, rows,
+    end] in fp32, -inf above the diagonal and where `allowed` ([B, 1, rows, end] bool, the model's mask) is False."""
+    end = start + rows
+    age = (torch.arange(start, end, device=log_beta.device)[:, None]
+           - torch.arange(end, device=log_beta.device)[None]).float()
+    bias = age * log_beta[:, :, None, :end].float()
+    visible = age >= 0 if allowed is None else (age >= 0) & allowed.bool()
+    return bias.masked_fill(~visible, -math.inf)
+
+
+def _eviction_threshold(bias: torch.Tensor, memory: int) -> torch.Tensor | None:
+    """Per row, the smallest bias a RetentionCache of `memory` keys keeps (None: the row fits, nothing evicted)."""
+    if memory >= bias.shape[-1]:
+        return None
+    with torch.no_grad():
+        return bias.topk(memory, dim=-1).values[..., -1:]
+
+
+def _block_attention(query, key, value, log_beta, allowed, start: int, scaling: float, dropout: float,
+                     memory: int | None) -> torch.Tensor:
+    """One block of query rows of the gated attention, in fp32. query [B, H_kv, groups, rows, d] (a kv head's query
+    heads side by side), key / value [B, H_kv, end, d], log_beta [B, H_kv, >= end] -> [B, H_kv, groups, rows, d]."""
+    bias = _block_bias(log_beta, allowed, start, query.shape[3])
+    scores = torch.matmul(query, key[:, :, None].transpose(-1, -2)) * scaling  # [B, H_kv, groups, rows, end]
+
+    def attend(with_bias):
+        probs = (scores + with_bias[:, :, None]).softmax(dim=-1)
+        if dropout:
+            probs = F.dropout(probs, p=dropout)
+        return torch.matmul(probs, value[:, :, None])
+
+    output = attend(bias)
+    threshold = _eviction_threshold(bias, memory) if memory is not None else None
+    if threshold is not None:
+        # Straight-through eviction: the forward value is attention over the kept keys only (as at inference), the
+        # gradient is the soft bias's (an evicted token still learns whether it should have stayed).
+        output = output + (attend(bias.masked_fill(bias < threshold, -math.inf)) - output).detach()
+    return output
+
+
+def chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float = 0.0,
+                            memory: int | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """softmax(q k / sqrt(d) + (t - i) log beta_i) v without a [T, T] tensor: query rows in blocks of `chunk`, each
+    block's bias built, used and (under autograd) rebuilt in the backward pass by activation checkpointing, so
+    memory is O(T x chunk) per head. fp32 whatever the inputs' dtype; `memory`: also evict as a RetentionCache
+    would (straight-through). query [B, H, T, d], key / value [B, H_kv, T, d] -> [B, H, T, d] (fp32)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
+    key, value, log_beta = key.float(), value.float(), log_beta.float()
+    checkpointed = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value, log_beta))
+    blocks = []
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        allowed = attention_mask[:, :, start:end, :end] if attention_mask is not None else None
+        inputs = (grouped[:, :, :, start:end], key[:, :, :end], value[:, :, :end], log_beta[:, :, :end], allowed)
+        options = {"start": start, "scaling": scaling, "dropout": dropout, "memory": memory}
+        if checkpointed:
+            blocks.append(checkpoint(_block_attention, *inputs, use_reentrant=False, **options))
+        else:
+            blocks.append(_block_attention(*inputs, **options))
+    return torch.cat(blocks, dim=3).view(batch, heads, length, dim)
+
+
+@lru_cache(maxsize=None)
+def _flex_kernel(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def flex_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, memory: int | None = None,
+                         chunk: int = DEFAULT_CHUNK, compiled: bool | None = None) -> torch.Tensor:
+    """The same attention with FlexAttention: the bias is a `score_mod` ((t - i) log beta_i, fp32) and causality and
+    padding a block mask, so no [T, T] tensor is kept for the backward pass. Compiled on CUDA (where FlexAttention
+    has fused kernels); eager elsewhere, which is exact but materialises the scores (use the chunked kernel there).
+    Eviction thresholds are computed block by block without a gradient. -> [B, H, T, d] in the inputs' dtype (fp32
+    off CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, heads, length, _ = query.shape
+    groups = heads // key.shape[1]
+    compiled = query.is_cuda if compiled is None else compiled
+    if not query.is_cuda and torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+        raise ValueError(f"the 'flex' training attention needs CUDA: FlexAttention has no backward pass on "
+                         f"{query.device.type} (torch {torch.__version__}); use training_attention: chunked")
+    if not query.is_cuda:
+        query, key, value = query.float(), key.float(), value.float()
+    log_beta = log_beta.float()
+    mask = attention_mask.bool() if attention_mask is not None else None
+
+    def visible(b, h, q_idx, kv_idx):
+        causal = kv_idx <= q_idx
+        return causal if mask is None else causal & mask[b, 0, q_idx, kv_idx]
+
+    block_mask = create_block_mask(visible, batch, None, length, length, device=query.device)
+
+    def biased(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx) * log_beta[b, h // groups, kv_idx]
+
+    kernel = _flex_kernel(compiled)
+    options = {"block_mask": block_mask, "scale": scaling, "enable_gqa": groups > 1}
+    output = kernel(query, key, value, score_mod=biased, **options)
+    if memory is not None and memory < length:
+        threshold = torch.full((batch, key.shape[1], length), -math.inf, device=query.device)
+        for start in range(0, length, chunk):  # the top-`memory` bias of every row, a block of rows at a time
+            rows = min(chunk, length - start)
+            allowed = mask[:, :, start:start + rows, :start + rows] if mask is not None else None
+            found = _eviction_threshold(_block_bias(log_beta, allowed, start, rows), memory)
+            if found is not None:
+                threshold[:, :, start:start + rows] = found[..., 0]
+
+        def evicting(score, b, h, q_idx, kv_idx):
+            bias = (q_idx - kv_idx) * log_beta[b, h // groups, kv_idx]
+            return torch.where(bias >= threshold[b, h // groups, q_idx], score + bias, -math.inf)
+
+        output = output + (kernel(query, key, value, score_mod=evicting, **options) - output).detach()
+    return output
+
+
+def dense_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float = 0.0,
+                          memory: int | None = None) -> torch.Tensor:
+    """The reference: the whole [B, H, T, T] bias built and handed to sdpa (memory quadratic in T). fp32."""
     groups = query.shape[1] // key.shape[1]
     bias = retention_bias(log_beta.float())  # [B, H_kv, T, T]
     if attention_mask is not None:
         bias = bias.masked_fill(~attention_mask.bool(), -math.inf)
-    # The bias (t - i) log beta_i grows with the distance t - i: rounded to bf16 it would be off by ~0.4%, in its
-    # gradient too. So the biased softmax runs in fp32 whatever the model's dtype; the output goes back to it.
-    dtype = query.dtype
     query, key, value = query.float(), _repeat_kv(key, groups).float(), _repeat_kv(value, groups).float()
 
     def attend(scores):
@@ -81,12 +207,27 @@ def _biased_attention(module, query, key, value, attention_mask, log_beta, scali
                                               dropout_p=dropout, scale=scaling)
 
     output = attend(bias)
-    memory = module.__dict__.get("_retention_train_memory")
     if memory is not None and memory < bias.shape[-1]:
-        # Straight-through eviction: the forward value is attention over the kept keys only (as at inference), the
-        # gradient is the soft bias's (an evicted token still learns whether it should have stayed).
         output = output + (attend(evicted_bias(bias, memory)) - output).detach()
-    return output.to(dtype).transpose(1, 2).contiguous(), None
+    return output
+
+
+def _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout):
+    """The gated training attention with the module's kernel (`set_training_kernel`). The bias (t - i) log beta_i
+    grows with the distance t - i: rounded to bf16 it would be off by ~0.4%, in its gradient too, so it (and the
+    softmax over it) stays fp32 whatever the model's dtype; the output goes back to the model's dtype."""
+    state = module.__dict__
+    memory = state.get("_retention_train_memory")
+    kernel, chunk = state.get("_retention_training_kernel", ("chunked", DEFAULT_CHUNK))
+    if kernel == "chunked":
+        output = chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
+    elif kernel == "flex":
+        if dropout:
+            raise ValueError("the flex training kernel has no attention dropout; use the chunked kernel")
+        output = flex_gated_attention(query, key, value, attention_mask, log_beta, scaling, memory, chunk)
+    else:
+        output = dense_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory)
+    return output.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def _cached_attention(module, layer, query, key, value, attention_mask, scaling):
@@ -196,7 +337,8 @@ def detach_gates(model: nn.Module) -> None:
         attention._retention_hook.remove()
         original = attention._retention_fallback
         for name in ("retention_gate", "_retention_hook", "_retention_fallback", "_retention_enabled",
-                     "_retention_cache_layer", "_retention_log_beta", "_retention_train_memory"):
+                     "_retention_cache_layer", "_retention_log_beta", "_retention_train_memory",
+                     "_retention_training_kernel"):
             if hasattr(attention, name):
                 delattr(attention, name)
     if original is not None:
@@ -212,6 +354,18 @@ def train_with_eviction(model: nn.Module, memory_size: int | None) -> None:
         raise ValueError(f"memory_size must be >= 1, got {memory_size}")
     for attention in attention_modules(model):
         attention.__dict__["_retention_train_memory"] = memory_size
+
+
+def set_training_kernel(model: nn.Module, kernel: str = "chunked", chunk: int = DEFAULT_CHUNK) -> None:
+    """How the gated training attention is computed (same result, different memory):
+    "chunked" (default): query rows in blocks of `chunk`, memory O(T x chunk); "flex": FlexAttention with the bias as
+    a score_mod, compiled on CUDA; "dense": the whole [B, H, T, T] bias (the reference, quadratic memory)."""
+    if kernel not in TRAINING_KERNELS:
+        raise ValueError(f"training kernel must be one of {', '.join(TRAINING_KERNELS)}, got {kernel!r}")
+    if chunk < 1:
+        raise ValueError(f"the training kernel's chunk must be >= 1, got {chunk}")
+    for attention in attention_modules(model):
+        attention.__dict__["_retention_training_kernel"] = (kernel, chunk)
 
 
 def gates_of(model: nn.Module) -> list[RetentionGate]:

@@ -409,7 +409,7 @@ def test_every_method_decodes_like_generate_when_it_keeps_everything(tiny_tokeni
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False,
                              pad_token_id=tiny_tokenizer.pad_token_id)
         expected.append(out[0, ids.shape[1]:].tolist())
-    for method in ("full", "promptdistill", "gemfilter", "first"):
+    for method in ("full", "promptdistill", "gemfilter", "qk-top", "first"):
         ids, keep = pipe.answer(contexts, queries, 5, method=method, **({} if method == "full" else {"ratio": 1.0}))
         assert ids.tolist() == expected, method
         assert torch.equal(keep, batch["context_mask"].bool())

@@ -13,8 +13,10 @@ from transformers import AutoModelForCausalLM
 from tokensieve.errors import ModelError
 from tokensieve.launch.export import GATES_FILE, load_gates, load_retention_model, save_gates
 from tokensieve.launch.model import FromScratchArguments, build_config
-from tokensieve.selectors.attention import (_biased_attention, attach_gates, attention_modules, collected_log_beta,
-                                            detach_gates, evicted_bias, gates_disabled, gates_of, train_with_eviction)
+from tokensieve.selectors.attention import (TRAINING_KERNELS, _biased_attention, attach_gates, attention_modules,
+                                            chunked_gated_attention, collected_log_beta, dense_gated_attention,
+                                            detach_gates, evicted_bias, flex_gated_attention, gates_disabled, gates_of,
+                                            set_training_kernel, train_with_eviction)
 from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
 from tokensieve.selectors.retention import RetentionGate, capacity_loss, retention_bias
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
@@ -44,8 +46,10 @@ def test_evicted_bias_keeps_the_top_keys_of_every_row():
     assert torch.equal(evicted_bias(retention_bias(log_beta), 5), retention_bias(log_beta))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("kernel", TRAINING_KERNELS)
 @pytest.mark.parametrize("memory", [None, 20])
-def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory):
+def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory, kernel):
     """A bf16 model's gated attention equals the fp32 computation on the same (bf16) inputs, output and log-beta
     gradient within fp32 tolerance: the bias (t - i) log beta_i is never rounded to bf16."""
     torch.manual_seed(0)
@@ -54,6 +58,7 @@ def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory):
     upstream = torch.randn(2, 64, 4, 8).bfloat16().float()  # representable in bf16: the same in both paths
     module = torch.nn.Module()
     module.__dict__["_retention_train_memory"] = memory
+    module.__dict__["_retention_training_kernel"] = (kernel, 16)
 
     def run(q, k, v, dtype):
         beta = log_beta.detach().clone().requires_grad_()
@@ -90,6 +95,77 @@ def test_training_with_eviction_attends_to_the_kept_keys_with_soft_gradients():
     assert not torch.allclose(hard, soft, atol=1e-3)
     torch.testing.assert_close(hard_gradient, soft_gradient)  # straight-through: the soft bias's gradient
     assert torch.equal(run(9)[0], soft)  # a budget the sequence fits in changes nothing
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("memory", [None, 9])
+def test_chunked_and_flex_kernels_equal_the_dense_bias(memory):
+    """Forward and log-beta gradient of the blockwise and FlexAttention kernels equal the dense [B, H, T, T] bias,
+    with grouped heads, left padding, blocks that do not divide T, and with eviction."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 70, 8
+    query, key, value = torch.randn(batch, heads, length, dim), *torch.randn(2, batch, kv_heads, length, dim)
+    log_beta = -torch.rand(batch, kv_heads, length) * 0.3
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :5] = False  # left padding
+    mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    mask[1, 0, :5, :5] |= torch.eye(5, dtype=torch.bool)  # padding rows see themselves, as transformers' mask has it
+    upstream = torch.randn(batch, heads, length, dim)
+
+    def run(kernel, **options):
+        beta = log_beta.clone().requires_grad_()
+        output = kernel(query, key, value, mask, beta, dim**-0.5, memory=memory, **options)
+        gradient, = torch.autograd.grad((output * upstream).sum(), beta)
+        return output.detach(), gradient
+
+    reference, reference_gradient = run(dense_gated_attention)
+    for kernel, options in ((chunked_gated_attention, {"chunk": 16}), (chunked_gated_attention, {"chunk": 1000}),
+                            (flex_gated_attention, {"chunk": 16})):
+        output, gradient = run(kernel, **options)
+        torch.testing.assert_close(output, reference, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(gradient, reference_gradient, atol=1e-4, rtol=1e-5)
+    if memory is not None:  # eviction changes the forward
+        assert not torch.allclose(reference, dense_gated_attention(query, key, value, mask, log_beta, dim**-0.5))
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
+def test_gated_models_train_alike_with_every_kernel(tiny_tokenizer, architecture):
+    """A gated tiny model with padding: logits and gate gradients of the chunked and flex kernels equal the dense
+    reference, soft and with eviction."""
+    model = fresh_model(tiny_tokenizer, architecture)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    torch.manual_seed(1)
+    for gate in gates_of(model):
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    for name, parameter in model.named_parameters():  # as the trainer has it: the gates train, the model is frozen
+        parameter.requires_grad_("retention_gate" in name)
+    ids = torch.randint(3, 250, (2, 37))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+
+    def run(kernel, memory):
+        set_training_kernel(model, kernel, chunk=8)
+        train_with_eviction(model, memory)
+        model.zero_grad()
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        (logits[mask.bool()].float() ** 2).mean().backward()
+        return logits.detach(), [g.down.weight.grad.clone() for g in gates_of(model)]
+
+    for memory in (None, 6):
+        reference, reference_grads = run("dense", memory)
+        logits, grads = run("chunked", memory)
+        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+        for grad, expected in zip(grads, reference_grads):
+            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+        set_training_kernel(model, "flex")  # forward only: FlexAttention has no backward on CPU
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, reference,
+                                       atol=1e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="'flex' training attention needs CUDA"):
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+    with pytest.raises(ValueError, match="training kernel must be one of chunked, flex, dense"):
+        set_training_kernel(model, "sparse")
 
 
 def test_capacity_loss_hand_computed():

@@ -241,7 +241,9 @@ class QuerySelectorTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             terms["attention_distill"] = args.attention_distill_weight * attention_distill_loss(
                 features, selection.scores, inputs["context_mask"])
         if terms:
-            steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+            # Set by the training loop; a compute_loss outside it (a first-batch check) sees the configured count.
+            steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            steps = steps if mode == "train" else 1
             loss = loss + sum(terms.values()) / steps
         self._record(mode, ce, targets, selection, inputs["context_mask"], terms)
         return (loss, None) if return_outputs else loss

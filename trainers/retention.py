@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from trl import SFTConfig, SFTTrainer
 
-from tokensieve.selectors.attention import (attach_gates, attention_modules, collected_log_beta, gates_disabled,
-                                            train_with_eviction)
+from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, attention_modules, collected_log_beta,
+                                            gates_disabled, set_training_kernel, train_with_eviction)
 from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
@@ -52,11 +52,24 @@ class RetentionConfig(ConfigDefaults, SFTConfig):
         metadata={"help": "Not in the paper: the student attends only to the memory_size keys per query and kv head "
                           "that a RetentionCache would keep, gradients through the soft bias (straight-through)."},
     )
+    training_attention: str = field(
+        default="chunked",
+        metadata={"help": "How the gated attention is computed in training (same result): 'chunked' (query rows in "
+                          "blocks, memory linear in the length; any device), 'flex' (FlexAttention, the bias as a "
+                          "score_mod, compiled; CUDA only: FlexAttention has no backward pass on CPU), 'dense' (the whole "
+                          "[B, H, T, T] bias: "
+                          "the reference, memory quadratic in the length)."},
+    )
+    training_attention_chunk: int = field(default=128, metadata={"help": "Query rows per block of the chunked "
+                                                                          "attention (and of the eviction thresholds)."})
 
     def __post_init__(self):
         super().__post_init__()
         checks = [
             (self.memory_size >= 1, "memory_size", ">= 1", self.memory_size),
+            (self.training_attention in TRAINING_KERNELS, "training_attention", f"one of {', '.join(TRAINING_KERNELS)}",
+             self.training_attention),
+            (self.training_attention_chunk >= 1, "training_attention_chunk", ">= 1", self.training_attention_chunk),
             (self.buffer_size >= 1, "buffer_size", ">= 1", self.buffer_size),
             (self.capacity_weight >= 0, "capacity_weight", ">= 0", self.capacity_weight),
             (self.distill_temperature > 0, "distill_temperature", "> 0", self.distill_temperature),
@@ -90,6 +103,7 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         elif not hasattr(attention_modules(model)[0], "retention_gate"):
             attach_gates(model, args.gate_intermediate_size, args.gate_bias_init)
         train_with_eviction(model, args.memory_size if args.train_with_eviction else None)
+        set_training_kernel(model, args.training_attention, args.training_attention_chunk)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("retention_gate" in name or (args.train_lora and "lora_" in name))
         super().__init__(model, args, *rest, **kwargs)
@@ -128,7 +142,9 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             count = self.accelerator.reduce(count.detach().float(), "sum")
             total = total * self.accelerator.num_processes  # DDP averages the gradients over ranks
         capacity = total / count.clamp(min=1)
-        steps = self.current_gradient_accumulation_steps if mode == "train" else 1
+        # Set by the training loop; a compute_loss outside it (a first-batch check) sees the configured count.
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        steps = steps if mode == "train" else 1
         loss = quality + args.capacity_weight * capacity / steps
         self._record(mode, ce, kl, capacity, log_beta.detach(), real)
         return (loss, None) if return_outputs else loss

@@ -260,7 +260,7 @@ def greedy_decode(model, state: Prefill, max_new_tokens: int) -> torch.Tensor:
     return torch.cat(tokens, dim=1)
 
 
-SELECTION_METHODS = ("selector", "promptdistill", "gemfilter", "first", "last", "random", "full")
+SELECTION_METHODS = ("selector", "promptdistill", "gemfilter", "qk-top", "first", "last", "random", "full")
 
 
 class SelectorPipeline:
@@ -273,6 +273,8 @@ class SelectorPipeline:
                      tokens' hidden states (`prefill_promptdistill`);
       gemfilter      GemFilter: the same scores at the selection layer, then the whole model re-run on the kept
                      tokens and the query, renumbered from position 0 as a shorter prompt;
+      qk-top         the same scores, the kept tokens read as the selector's are (original positions): isolates
+                     the scoring from how the LM reads what is kept;
       first, last, random   the first, last or a random n context tokens;
       full           no selection.
     `selection_layer`: the layer whose attention scores the context for promptdistill and gemfilter; by default
@@ -295,7 +297,9 @@ class SelectorPipeline:
         if self.selection_layer is not None:
             return self.selection_layer
         depth = len(_base(self.model).get_decoder().layers)
-        return min(self.feature_layer, depth - 2) if method == "promptdistill" else self.feature_layer
+        if method == "promptdistill":  # at least one layer must run on the kept tokens
+            return min(self.feature_layer, depth - 2)
+        return self.feature_layer  # gemfilter, qk-top
 
     def encode(self, contexts: list[str], queries: list[str]) -> dict:
         """Padded context/query ids and masks; an empty context or a query as long as the model's position limit
@@ -346,7 +350,7 @@ class SelectorPipeline:
         target = self._target(batch, n, ratio)
         if method == "promptdistill":  # the selection happens inside its prefill
             return prefill_promptdistill(self.model, batch, self.layer_for(method), target).keep
-        if method == "gemfilter":
+        if method in ("gemfilter", "qk-top"):
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
                                    batch["query_mask"], self.layer_for(method))
             scores = promptdistill_scores(features.q_last, features.context_keys, mask)
