@@ -4,6 +4,7 @@
     python benchmarks/kv_retention.py inference [--memory-size 32]
     python benchmarks/kv_retention.py training  [--steps 20]
     python benchmarks/kv_retention.py training-lengths [--lengths 512 1024 2048 4096]
+    python benchmarks/kv_retention.py slots --gates EXPORT [--budgets 0.1 0.25]
 
 accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml and fine-tuned with eviction by
 recipes/tiny/trim_kv_evict.yaml (unless --gates names an export; the soft stage alone is a row of its own), then
@@ -14,6 +15,9 @@ length tokens per (layer, kv head) (buffer = max(1, M // 4)). Policies: gates (T
 inference: KV-cache bytes after generating past M (RetentionCache vs the full DynamicCache), and decode tokens/s
 at a context of 8 x M for several M (--decode-memory-sizes), full and retention cache alternating in one process.
 training: gate-training step time / LoRA SFT step time on the same data and batch size.
+slots: for a gates export, the share of the cache's slots each kind of token (mqar key / value / filler / question,
+needle-qa needle / fact / question) holds at answer time, per layer and kv head, whether the asked pair survived,
+and a retention map PNG of the first row.
 training-lengths: step time and step memory of gate training (dense bias vs chunked attention, soft and with
 eviction) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -335,17 +340,19 @@ def training_lengths(args) -> None:
     for length in args.lengths:
         for _ in range(args.repeats):  # alternating arms, so drift on a shared machine hits all of them
             for arm in LENGTH_ARMS:
+                entry = results["arms"][arm].setdefault(str(length), {"seconds": [], "step_bytes": []})
                 command = [sys.executable, __file__, "training-lengths", "--one", arm, "--base", args.base,
                            "--lengths", str(length), "--steps", str(args.steps), "--memory-size",
                            str(args.memory_size), "--chunk", str(args.chunk)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise SystemExit(f"{arm} at {length} tokens failed:\n{done.stderr[-3000:]}")
-                measured = json.loads(done.stdout.strip().splitlines()[-1])
-                entry = results["arms"][arm].setdefault(str(length), {"seconds": [], "step_bytes": []})
-                entry["seconds"].append(measured["seconds"])
-                entry["step_bytes"].append(measured["step_bytes"])
-                print(f"[training-lengths] {arm} @ {length}: {measured}", flush=True)
+                # Two processes: one timed with the default allocator; one for memory, where glibc's malloc returns
+                # every block over 128 KiB to the system when it is freed (otherwise the resident set keeps freed
+                # memory and its peak says more about the allocator than about the step; page faults make it slow).
+                for key, env in (("seconds", {}), ("step_bytes", {"MALLOC_MMAP_THRESHOLD_": "131072"})):
+                    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+                    if done.returncode != 0:
+                        raise SystemExit(f"{arm} at {length} tokens failed:\n{done.stderr[-3000:]}")
+                    entry[key].append(json.loads(done.stdout.strip().splitlines()[-1])[key])
+                print(f"[training-lengths] {arm} @ {length}: {entry}", flush=True)
     (out / "training_lengths.json").write_text(json.dumps(results, indent=2) + "\n")
     write_lengths_report(out, results)
 
@@ -361,7 +368,8 @@ def write_lengths_report(out: Path, results: dict) -> None:
         results["environment"]) + [
         f"One row of T tokens (half prompt, half completion), forward + backward (`Trainer.training_step`), median of "
         f"the steps after a warm-up, best of the repeats; memory: what a step adds on top of the loaded model (peak "
-        f"allocated on CUDA, peak resident set on CPU), each arm in a fresh process. M = {results['memory_size']}, "
+        f"allocated on CUDA; on CPU the peak resident set, measured in a separate run with glibc returning freed "
+        f"blocks over 128 KiB to the system), each arm in a fresh process. M = {results['memory_size']}, "
         f"chunk {results['chunk']} query rows.", "",
         "| arm | " + " | ".join(f"T = {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for arm, (label, _, _) in LENGTH_ARMS.items():
@@ -392,6 +400,57 @@ def write_lengths_report(out: Path, results: dict) -> None:
     print("\n".join(lines))
 
 
+def slots(args) -> None:
+    """Where the cache's slots go at answer time, per layer and kv head, for a gates export and each budget."""
+    from tokensieve.launch.export import load_retention_model
+    from tokensieve.trainers.retention_map import plot_retention_map, recall_token_kinds, retention_snapshot, slot_shares
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)[1]
+    model, tokenizer = load_retention_model(gates)
+    results = {"environment": environment(), "gates": str(gates), "tasks": {}}
+    lines = ["# Where the RetentionCache's slots go at answer time", ""] + environment_lines(results["environment"]) + [
+        f"Gates `{gates}`; M = budget x mean prompt tokens, buffer = M / 4, the prompt prefilled in chunks of the "
+        f"buffer. Shares: of the slots each (layer, kv head) holds when the answer is generated, mean over rows. "
+        f"Asked survived: the share of rows where that head still holds the asked pair (mqar: the queried key and "
+        f"its value; needle-qa: the needle's value).", ""]
+    for task in args.tasks:
+        rows = read_rows(Path(args.data) if args.data else TASKS[task], args.test_examples)
+        labelled = [recall_token_kinds(row, tokenizer) for row in rows]
+        names = labelled[0][2]
+        context = sum(len(ids) for ids, _, _, _ in labelled) / len(labelled)
+        entry = results["tasks"].setdefault(task, {"mean_prompt_tokens": context, "budgets": {}})
+        for fraction in args.budgets:
+            memory = max(1, round(fraction * context))
+            buffer = max(1, memory // 4)
+            shares, survived = [], []
+            for index, (ids, kinds, _, asked) in enumerate(labelled):
+                snapshot = retention_snapshot(model, ids, memory, buffer)
+                found = slot_shares(snapshot, kinds, names, asked)
+                shares.append(torch.stack([found["shares"][n] for n in names], dim=-1))  # [layers, H, kinds]
+                survived.append(found["asked_survived"].float())
+                if index == 0:
+                    plot_retention_map(snapshot, kinds, out / f"retention_map_{task}_{fraction}.png",
+                                       title=f"{task}, row 0, M = {memory}, buffer {buffer}")
+            share = torch.stack(shares).mean(0)
+            alive = torch.stack(survived).mean(0)
+            entry["budgets"][str(fraction)] = {"memory_size": memory, "buffer_size": buffer, "kinds": names,
+                                               "shares": share.tolist(), "asked_survived": alive.tolist()}
+            lines += [f"**{task}, {fraction:.0%} budget** (M = {memory}, buffer {buffer}; mean prompt "
+                      f"{context:.0f} tokens; {len(rows)} rows)", "",
+                      "| layer, kv head | " + " | ".join(names) + " | asked survived |",
+                      "|---|" + "---|" * (len(names) + 1)]
+            for layer in range(share.shape[0]):
+                for head in range(share.shape[1]):
+                    cells = " | ".join(f"{v:.2f}" for v in share[layer, head].tolist())
+                    lines.append(f"| L{layer} H{head} | {cells} | {alive[layer, head]:.2f} |")
+            lines.append("")
+    (out / "slots.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "slots.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -407,6 +466,11 @@ def main() -> None:
     t = commands.add_parser("training")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=2)
+    s_ = commands.add_parser("slots")
+    s_.add_argument("--tasks", nargs="+", default=["mqar", "needle-qa"], choices=sorted(TASKS))
+    s_.add_argument("--data", default=None, help="a JSONL of rows of the (one) task instead of its test split")
+    s_.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25])
+    s_.add_argument("--test-examples", type=int, default=100)
     n = commands.add_parser("training-lengths")
     n.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     n.add_argument("--steps", type=int, default=3)
@@ -414,7 +478,7 @@ def main() -> None:
     n.add_argument("--memory-size", type=int, default=128)
     n.add_argument("--chunk", type=int, default=128)
     n.add_argument("--one", default=None, choices=sorted(LENGTH_ARMS), help=argparse.SUPPRESS)
-    for sub in (a, i, t, n):
+    for sub in (a, i, t, s_, n):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
         sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")
         sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
@@ -423,7 +487,7 @@ def main() -> None:
     if args.command == "training-lengths" and args.one:  # one measurement, in a process of its own
         print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk)))
         return
-    {"accuracy": accuracy, "inference": inference, "training": training,
+    {"accuracy": accuracy, "inference": inference, "training": training, "slots": slots,
      "training-lengths": training_lengths}[args.command](args)
 
 

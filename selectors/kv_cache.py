@@ -68,8 +68,18 @@ class RetentionLayer(DynamicLayer):
     def physical_length(self) -> int:
         return 0 if not self.is_initialized or self.keys.dim() < 4 else self.keys.shape[-2]
 
-    def _will_evict(self) -> bool:
-        return self.memory_size is not None and self.physical_length() >= self.memory_size + self.buffer_size
+    def kept_before(self, incoming: int) -> int:
+        """How many cached tokens stay when `incoming` new ones are added: all while the total fits M + buffer;
+        otherwise the cache is cut back to M (fewer when the chunk is longer than the buffer), so it never holds
+        more than M + buffer. A chunk longer than M + buffer on its own cannot fit: the cache keeps M before it
+        and is cut back at the next update."""
+        physical = self.physical_length()
+        if self.memory_size is None:
+            return physical
+        limit = self.memory_size + self.buffer_size
+        if physical + incoming <= limit:
+            return physical
+        return min(physical, self.memory_size if incoming > limit else min(self.memory_size, limit - incoming))
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -80,9 +90,10 @@ class RetentionLayer(DynamicLayer):
             self._positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
             self._valid = None  # every token is real until padding shows up (then a [B, H, L] mask)
             self._scores_seen = torch.zeros(batch, heads, 0, device=device)
-        if self._will_evict():
-            self.evict(self.memory_size)
         length = key_states.shape[2]
+        keep = self.kept_before(length)
+        if keep < self.physical_length():
+            self.evict(keep)
         deferred, log_beta = self.pending_gate, self.pending_log_beta
         self.pending_gate = self.pending_log_beta = None
         if self.policy == "gates" and deferred is not None and log_beta is None:
@@ -165,7 +176,7 @@ class RetentionLayer(DynamicLayer):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # The mask is built before `update` runs: announce the length after a pending eviction. The offset maps the
         # new tokens' columns onto their indices in the 2D attention mask (the cached columns are masked by `valid`).
-        physical = self.memory_size if self._will_evict() else self.physical_length()
+        physical = self.kept_before(query_length)
         return physical + query_length, self.seen - physical
 
     def get_max_length(self) -> int:

@@ -57,11 +57,13 @@ def retention_bias(log_beta: torch.Tensor) -> torch.Tensor:
 
 
 def _retained_sum(log_beta: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """S_t = sum_{i <= t, i real} beta_i^(t - i) for the query positions `rows`: [B, H, T] -> [B, H, len(rows)]."""
-    positions = torch.arange(log_beta.shape[-1], device=log_beta.device)
-    age = (rows[:, None] - positions[None, :]).to(log_beta.dtype)  # [R, T]
-    terms = torch.exp(age.clamp(min=0) * log_beta[..., None, :])
-    return (terms * ((age >= 0) & keys[:, None, None, :])).sum(dim=-1)
+    """S_t = sum_{i <= t, i real} beta_i^(t - i) for the query positions `rows` (ascending): [B, H, T] -> [B, H, R].
+    Only keys up to the last row enter (the later ones are in no row's past)."""
+    end = int(rows[-1]) + 1
+    positions = torch.arange(end, device=log_beta.device)
+    age = (rows[:, None] - positions[None, :]).to(log_beta.dtype)  # [R, end]
+    terms = torch.exp(age.clamp(min=0) * log_beta[..., None, :end])
+    return (terms * ((age >= 0) & keys[:, None, None, :end])).sum(dim=-1)
 
 
 def capacity_loss(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,

@@ -179,7 +179,8 @@ def test_resume_true_means_auto(tmp_path):
 
 def test_registry_has_sft():
     assert issubclass(METHODS["sft"].config_class, SFTConfig)  # TRL's, with TRL's defaults (trainers/base.py)
-    assert {f.name for f in fields(METHODS["sft"].config_class)} == {f.name for f in fields(SFTConfig)}
+    # plus eos_loss (default true: TRL's behaviour), which every prompt/completion trainer has
+    assert {f.name for f in fields(METHODS["sft"].config_class)} == {f.name for f in fields(SFTConfig)} | {"eos_loss"}
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO_ROOT)) for p in SHIPPED])

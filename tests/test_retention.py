@@ -322,10 +322,10 @@ def tiny_rows(n=24):
 
 def train_gates(tokenizer, tmp_path, steps=3, **kwargs):
     model = fresh_model(tokenizer)
-    args = RetentionConfig(output_dir=str(tmp_path / "gates"), max_steps=steps, per_device_train_batch_size=8,
-                           learning_rate=1e-2, memory_size=4, gate_intermediate_size=16, gate_bias_init=2.0,
-                           report_to="none", use_cpu=True, bf16=False, activation_checkpointing=False,
-                           save_strategy="no", logging_steps=1, **kwargs)
+    options = dict(output_dir=str(tmp_path / "gates"), max_steps=steps, per_device_train_batch_size=8,
+                   learning_rate=1e-2, memory_size=4, gate_intermediate_size=16, gate_bias_init=2.0, report_to="none",
+                   use_cpu=True, bf16=False, activation_checkpointing=False, save_strategy="no", logging_steps=1)
+    args = RetentionConfig(**{**options, **kwargs})
     trainer = RetentionTrainer(model=model, args=args, train_dataset=Dataset.from_list(tiny_rows()),
                                processing_class=tokenizer)
     trainer.gates_at_start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -512,3 +512,121 @@ def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, r
     assert json.loads(result.read_text())["results"][str(data)]["memory_size"] == 4
     assert main(["eval", str(base), "--data", str(data), "--memory-size", "4"]) == 2
     assert "needs a retention-gate export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy", ["gates", "h2o"])
+def test_the_cache_never_holds_more_than_memory_plus_buffer(tiny_tokenizer, policy):
+    """For prefill chunks that do and do not divide M + buffer (and one longer than the buffer), no layer ever holds
+    more than M + buffer tokens per kv head, and positions stay right: with a budget above the prompt, the bounded
+    cache generates exactly what the full cache does."""
+    from tokensieve.launch.generate import bounded_generate
+
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    prompt = torch.randint(3, 250, (2, 61))
+    mask = torch.ones_like(prompt)
+    memory, buffer = 21, 4
+    for chunk in (1, 4, 5, 7, 25):
+        cache = RetentionCache.for_model(model, memory_size=memory, buffer_size=buffer, policy=policy)
+        peaks = []
+        for layer in cache.layers:
+            original = layer.update
+
+            def update(*args, layer=layer, original=original, **kwargs):
+                out = original(*args, **kwargs)
+                peaks.append(layer.physical_length())
+                return out
+
+            layer.update = update
+        out = bounded_generate(model, prompt, mask, cache, chunk_size=chunk, max_new_tokens=6, do_sample=False)
+        assert out.shape == (2, 67) and cache.get_seq_length() == 66
+        assert max(peaks) <= memory + buffer, (chunk, max(peaks))
+        assert max(peaks) >= memory  # it does fill up
+    roomy = RetentionCache.for_model(model, memory_size=80, buffer_size=4, policy=policy)
+    full = model.generate(prompt, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(bounded_generate(model, prompt, mask, roomy, chunk_size=7, max_new_tokens=6, do_sample=False),
+                       full)
+
+
+@pytest.mark.parametrize("method", ["sft", "trim_kv"])
+def test_eos_loss_false_removes_exactly_the_appended_eos_label(tiny_tokenizer, tmp_path, method, caplog):
+    from tokensieve.trainers.guards import GuardedSFTTrainer, SFTBaselineConfig
+
+    def batch(eos_loss):
+        common = dict(output_dir=str(tmp_path / str(eos_loss)), per_device_train_batch_size=8, report_to="none",
+                      use_cpu=True, bf16=False, activation_checkpointing=False, save_strategy="no",
+                      train_sampling_strategy="sequential", eos_loss=eos_loss)
+        data = Dataset.from_list(tiny_rows())
+        if method == "sft":
+            trainer = GuardedSFTTrainer(model=fresh_model(tiny_tokenizer), args=SFTBaselineConfig(**common),
+                                        train_dataset=data, processing_class=tiny_tokenizer)
+        else:
+            trainer = RetentionTrainer(model=fresh_model(tiny_tokenizer), train_dataset=data,
+                                       processing_class=tiny_tokenizer,
+                                       args=RetentionConfig(**common, memory_size=4, gate_intermediate_size=16))
+        return trainer, next(iter(trainer.get_train_dataloader()))
+
+    trainer, with_eos = batch(True)
+    _, without_eos = batch(False)
+    assert torch.equal(with_eos["input_ids"], without_eos["input_ids"])
+    changed = with_eos["labels"] != without_eos["labels"]
+    assert changed.sum(-1).tolist() == [1] * len(changed)  # one label per row
+    assert (with_eos["labels"][changed] == tiny_tokenizer.eos_token_id).all()
+    assert (without_eos["labels"][changed] == -100).all()
+    # The last real label of each row was that end-of-sequence token.
+    last = (with_eos["labels"] != -100).long().cumsum(-1).argmax(-1)
+    assert changed[torch.arange(len(last)), last].all()
+    if method == "trim_kv":  # the fresh model cannot produce that label: the gate trainer says so, once
+        trainer.model.train()
+        with caplog.at_level("WARNING"):
+            trainer.compute_loss(trainer.model, dict(with_eos))
+            trainer.compute_loss(trainer.model, dict(with_eos))
+        assert sum("eos_loss: false" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_retention_map_labels_tokens_and_counts_slots(tiny_tokenizer, tmp_path):
+    from data.synthetic import mqar, needle_qa
+    from tokensieve.trainers.retention_map import (plot_retention_map, recall_token_kinds, retention_snapshot,
+                                                   slot_shares)
+
+    model = fresh_model(tiny_tokenizer)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    row = mqar.generate("test", 1, 0, mqar.OPTIONS(context_words=40, num_pairs=4))[0]
+    ids, kinds, names, asked = recall_token_kinds(row, tiny_tokenizer)
+    assert len(kinds) == len(ids) and set(kinds) <= set(names)
+    words = row["prompt"].split(" ")
+    key_words = {words[p] for p in row["pair_positions"]}
+    decoded_keys = "".join(tiny_tokenizer.decode(ids[i]) for i, k in enumerate(kinds) if k == "key").split()
+    assert set(decoded_keys) == key_words  # every key token, and nothing else, is labelled key
+    assert tiny_tokenizer.decode(ids[asked]).split() == [row["queries"][0], row["answers"][0]]
+    memory, buffer = 6, 2
+    snapshot = retention_snapshot(model, ids, memory, buffer)
+    held = snapshot.kept.sum(-1)
+    assert (held <= memory + buffer - 1).all() and (held >= memory).all()  # room for the answer token
+    found = slot_shares(snapshot, kinds, names, asked)
+    total = sum(found["shares"].values())
+    assert torch.allclose(total, torch.ones_like(total))
+    path = plot_retention_map(snapshot, kinds, tmp_path / "map.png")
+    assert path.stat().st_size > 1000 and not list(tmp_path.glob("*.partial.png"))
+    needle = needle_qa.generate("test", 1, 0, needle_qa.OPTIONS())[0]
+    ids, kinds, names, asked = recall_token_kinds(needle, tiny_tokenizer)
+    assert tiny_tokenizer.decode(ids[asked]).strip() == needle["answer"] and "needle" in kinds
+
+
+def test_trainer_logs_the_retention_map_to_wandb(tiny_tokenizer, tmp_path, monkeypatch):
+    from data.synthetic import mqar
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps(mqar.generate("test", 1, 0, mqar.OPTIONS(context_words=30, num_pairs=3))[0]) + "\n")
+    trainer = train_gates(tiny_tokenizer, tmp_path, steps=2, retention_map_steps=1, retention_map_data=str(rows),
+                          report_to=["wandb"])
+    import wandb
+
+    wandb.finish()
+    assert sorted(p.name for p in (tmp_path / "gates/retention_maps").iterdir()) == ["step_1.png", "step_2.png"]
+    logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/retention_map_*.png"))
+    assert len(logged) == 2, list(tmp_path.rglob("*"))[:50]
+    with pytest.raises(ValueError, match="retention_map_data must be a JSONL file"):
+        RetentionConfig(output_dir=str(tmp_path), retention_map_steps=5, use_cpu=True, bf16=False)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import TrainingError
-from tokensieve.trainers.base import ConfigDefaults, TrainerBase
+from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 
 
 def check_finite(value: torch.Tensor, what: str, step: int, output_dir: str) -> None:
@@ -29,8 +29,9 @@ class FiniteLossMixin:
 
 
 @dataclass
-class SFTBaselineConfig(ConfigDefaults, SFTConfig):
-    """TRL's SFTConfig (the `sft` baseline's config; see trainers/base.py for the one default it words differently)."""
+class SFTBaselineConfig(ConfigDefaults, CompletionLabels, SFTConfig):
+    """TRL's SFTConfig (the `sft` baseline's config; see trainers/base.py for the one default it words differently),
+    plus `eos_loss` (default true, TRL's behaviour)."""
 
 
 class GuardedSFTTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):

@@ -12,22 +12,24 @@ the positive terms of all ranks, divided by the accumulation steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
 from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, attention_modules, collected_log_beta,
                                             gates_disabled, set_training_kernel, train_with_eviction)
 from tokensieve.selectors.retention import capacity_terms
-from tokensieve.trainers.base import ConfigDefaults, TrainerBase
+from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 
 @dataclass
-class RetentionConfig(ConfigDefaults, SFTConfig):
+class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
     """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (METHODS.md)."""
 
     memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
@@ -60,6 +62,16 @@ class RetentionConfig(ConfigDefaults, SFTConfig):
                           "[B, H, T, T] bias: "
                           "the reference, memory quadratic in the length)."},
     )
+    retention_map_steps: int = field(
+        default=0,
+        metadata={"help": "Every N optimizer steps, the retention map (tokens x layers/heads, kept or evicted at M + "
+                          "buffer, coloured by beta) of the first row of retention_map_data: a PNG in "
+                          "output_dir/retention_maps and an image in W&B. 0: never."},
+    )
+    retention_map_data: str | None = field(
+        default=None, metadata={"help": "A JSONL file of mqar or needle-qa rows (with their ground-truth fields) for "
+                                        "retention_map_steps."},
+    )
     training_attention_chunk: int = field(default=128, metadata={"help": "Query rows per block of the chunked "
                                                                           "attention (and of the eviction thresholds)."})
 
@@ -70,6 +82,10 @@ class RetentionConfig(ConfigDefaults, SFTConfig):
             (self.training_attention in TRAINING_KERNELS, "training_attention", f"one of {', '.join(TRAINING_KERNELS)}",
              self.training_attention),
             (self.training_attention_chunk >= 1, "training_attention_chunk", ">= 1", self.training_attention_chunk),
+            (self.retention_map_steps >= 0, "retention_map_steps", ">= 0", self.retention_map_steps),
+            (not self.retention_map_steps or (self.retention_map_data and os.path.isfile(self.retention_map_data)),
+             "retention_map_data", "a JSONL file of mqar or needle-qa rows when retention_map_steps > 0",
+             self.retention_map_data),
             (self.buffer_size >= 1, "buffer_size", ">= 1", self.buffer_size),
             (self.capacity_weight >= 0, "capacity_weight", ">= 0", self.capacity_weight),
             (self.distill_temperature > 0, "distill_temperature", "> 0", self.distill_temperature),
@@ -79,6 +95,10 @@ class RetentionConfig(ConfigDefaults, SFTConfig):
         for ok, name, expected, value in checks:
             if not ok:
                 raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+EOS_PROBABILITY_FLOOR = 0.05  # below it, the teacher cannot produce the end-of-sequence label (see the warning)
+logger = logging.get_logger(__name__)
 
 
 class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
@@ -107,6 +127,13 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         for name, parameter in model.named_parameters():
             parameter.requires_grad_("retention_gate" in name or (args.train_lora and "lora_" in name))
         super().__init__(model, args, *rest, **kwargs)
+        self._eos_checked = False
+        if args.retention_map_steps:
+            from tokensieve.trainers.retention_map import RetentionMapCallback
+
+            with open(args.retention_map_data, encoding="utf-8") as rows:
+                first = json.loads(rows.readline())
+            self.add_callback(RetentionMapCallback(self, first, args.retention_map_steps))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         args = self.args
@@ -126,6 +153,9 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         check_finite(log_beta, "a retention gate's output (log beta)", self.state.global_step + 1, args.output_dir)
 
         targets = labels[:, 1:][scored[:, :-1]]
+        if mode == "train" and not self._eos_checked:
+            self._eos_checked = True
+            self._warn_if_eos_unpredicted(teacher, targets)
         ce = -student.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
         tau = args.distill_temperature
         kl = F.kl_div((student / tau).log_softmax(-1), (teacher / tau).log_softmax(-1), log_target=True,
@@ -148,6 +178,23 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         loss = quality + args.capacity_weight * capacity / steps
         self._record(mode, ce, kl, capacity, log_beta.detach(), real)
         return (loss, None) if return_outputs else loss
+
+    def _warn_if_eos_unpredicted(self, teacher: torch.Tensor, targets: torch.Tensor) -> None:
+        """A loss target the frozen model cannot produce (e.g. the end-of-sequence label TRL appends to every
+        completion, for a model never taught to predict it there) says nothing about retention, yet its CE can
+        dominate the loss, and the gates then learn to raise it. Warn on the first batch if so."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        at_eos = targets == eos
+        if not self.args.eos_loss or eos is None or not bool(at_eos.any()):
+            return
+        probability = teacher[at_eos].softmax(-1)[:, eos].mean().item()
+        if probability < EOS_PROBABILITY_FLOOR:
+            logger.warning(
+                f"the frozen model gives the end-of-sequence label appended to each completion a mean probability of "
+                f"{probability:.4f} on the first batch ({float(at_eos.float().mean()):.0%} of the scored tokens): a "
+                f"target it cannot produce carries no signal about retention but can dominate the loss. Set "
+                f"eos_loss: false to leave that label out.")
 
     def _adapters_off_if_trained(self, unwrapped):
         """The teacher is the model as it was: LoRA adapters that train with the gates are off in its forward."""

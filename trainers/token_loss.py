@@ -44,7 +44,7 @@ from tokensieve.selectors.token_scores import (
     select_top_share,
     sstoken_score,
 )
-from tokensieve.trainers.base import ConfigDefaults, TrainerBase
+from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.history import (
     ParameterEma,
@@ -67,7 +67,7 @@ ATTENTION_ROWS = ("own", "predicting")
 
 
 @dataclass
-class TokenLossConfig(ConfigDefaults, SFTConfig):
+class TokenLossConfig(ConfigDefaults, CompletionLabels, SFTConfig):
     """SFTConfig plus the token scorer and its options. Defaults follow METHODS.md."""
 
     token_scorer: str = field(default="sstoken", metadata={"help": f"How tokens are weighted: one of {SCORERS}."})
