@@ -112,7 +112,7 @@ def truth_means(run_dir: Path) -> dict[str, float]:
 def curated(base: str, reference: Path, train: Path, out: Path) -> Path:
     """`tokensieve curate recipes/tiny/curate.yaml` on the noisy train split: token_mask = the top 60% of each
     response by the base's excess loss over the clean reference (the rows keep their noise_spans)."""
-    from tokensieve.data.curation import run_curation
+    from tokensieve.launch.curate import run_curation
     from tokensieve.launch.recipe import load_curate_recipe
 
     output = out / "curated.parquet"

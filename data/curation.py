@@ -21,8 +21,6 @@ Scorers (model = the recipe's model; reference = curate.reference_model):
 from __future__ import annotations
 
 import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,12 +29,16 @@ from tqdm.auto import tqdm
 
 from tokensieve.data.formats import detect_format, is_conversational
 from tokensieve.data.tokenize import tokenize_prompt_completion
-from tokensieve.errors import DataError, RecipeError
+from tokensieve.errors import DataError
+from tokensieve.files import replace_atomically
+from tokensieve.selectors.reference import add_reference_inputs
 from tokensieve.selectors.token_scores import (
     attention_to_prompt,
     capture_attention_inputs,
     minmax_per_row,
     prior_weights,
+    realign_reference,
+    token_logprobs,
     top_k_per_row,
 )
 
@@ -112,8 +114,6 @@ class TokenScorer:
         self.device = next(model.parameters()).device
 
     def _logprobs(self, model, ids, mask, labels):
-        from tokensieve.trainers.history import token_logprobs
-
         return token_logprobs(model, ids.to(self.device), mask.to(self.device), labels.to(self.device)).cpu()
 
     def _attention(self, ids, mask, labels):
@@ -145,7 +145,7 @@ class TokenScorer:
         else:  # prior: the model scores the response after the prompt without its condition
             ref_ids, ref_mask, ref_labels = _batch(rows, pad_id, "reference_input_ids", "reference_labels")
             ref_logprobs = self._logprobs(self.model, ref_ids, ref_mask, ref_labels)
-            moved = torch.zeros(response.shape).masked_scatter(response, ref_logprobs[ref_labels[:, 1:] != -100])
+            moved = realign_reference(ref_logprobs, ref_labels, response)
             scores = (1.0 - moved.exp()).masked_fill(~response, 0.0)
             weights = prior_weights(moved, response, config.prior_alpha)
         return scores.masked_fill(~response, 0.0), response, weights
@@ -162,8 +162,6 @@ def _tokenized(dataset, tokenizer, config: CurateConfig):
         dataset = dataset.map(lambda r: {"input_ids": r["input_ids"][:n], "labels": r["labels"][:n]},
                               desc="Truncating")
     if config.scorer == "prior":
-        from tokensieve.trainers.token_columns import add_reference_inputs
-
         dataset = add_reference_inputs(dataset, tokenizer, config.reference_prompt_column, "curate")
     for index, labels in enumerate(dataset["labels"]):
         if all(label == -100 for label in labels[1:]):
@@ -207,23 +205,16 @@ def token_masks(scores: list[list[float]], keep_ratio: float, level: str) -> lis
 def write_atomically(dataset, output: str) -> None:
     """Write `dataset` to a temporary name next to `output`, then rename: a failed run leaves nothing behind."""
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         if path.suffix == ".jsonl":
             dataset.to_json(str(tmp), lines=True, force_ascii=False)
         elif path.suffix == ".parquet":
             dataset.to_parquet(str(tmp))
         else:
             dataset.save_to_disk(str(tmp))
-        if path.is_dir():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        elif tmp.exists():
-            tmp.unlink()
+
+    replace_atomically(path, write)
 
 
 def curate(dataset, model, tokenizer, config: CurateConfig, reference=None, model_name: str = "") -> dict:
@@ -263,22 +254,3 @@ def curate(dataset, model, tokenizer, config: CurateConfig, reference=None, mode
     report_dir = config.report_dir or f"{config.output.rstrip('/')}.report"
     summary["report"] = write_report(report_dir, scored, new, tokenizer, dataset, config, summary)
     return summary
-
-
-def run_curation(recipe) -> dict:
-    """`tokensieve curate`: load the recipe's model, reference and data, then curate (see `curate`)."""
-    from tokensieve.data.loading import load_splits
-    from tokensieve.launch.model import load_model_and_tokenizer
-    from tokensieve.trainers.history import load_reference_model
-    from trl.trainer.utils import add_fused_lm_head
-
-    if recipe.model.from_scratch is not None:
-        raise RecipeError(f"{recipe.path}: model: curate scores with a trained model; set model.name_or_path")
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    add_fused_lm_head(model)
-    model.eval()
-    reference = None
-    if recipe.curate.reference_model and recipe.curate.scorer in ("excess_loss", "sstoken"):
-        reference = load_reference_model(recipe.curate.reference_model, model, recipe.model.trust_remote_code)
-    dataset = load_splits(recipe.data)["train"]
-    return curate(dataset, model, tokenizer, recipe.curate, reference, model_name=recipe.model.name_or_path)

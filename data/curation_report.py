@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
+
+from tokensieve.files import replace_atomically
 
 HTML_HEAD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>tokensieve curation: {scorer}</title>
@@ -83,21 +83,15 @@ def _histogram(path: Path, scores: list[list[float]], title: str) -> None:
 def write_report(report_dir: str, scored, new, tokenizer, dataset, config, summary) -> dict:
     """Write report.html, score_histogram.png and summary.json into `report_dir`; return their paths."""
     folder = Path(report_dir)
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        stats = score_statistics(new["token_scores"])
+    stats = score_statistics(new["token_scores"])
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
         (tmp / "report.html").write_text(_page(scored, new, tokenizer, dataset, config, summary, stats),
                                          encoding="utf-8")
         _histogram(tmp / "score_histogram.png", new["token_scores"], f"token scores: {config.scorer}")
         (tmp / "summary.json").write_text(json.dumps({**summary, "score_statistics": stats}, indent=2) + "\n",
                                           encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+    replace_atomically(folder, write)
     return {name: str(folder / name) for name in ("report.html", "score_histogram.png", "summary.json")}

@@ -33,7 +33,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_curate(args) -> int:
-    from tokensieve.data.curation import run_curation
+    from tokensieve.launch.curate import run_curation
     from tokensieve.launch.recipe import load_curate_recipe
 
     summary = run_curation(load_curate_recipe(args.recipe, args.overrides))

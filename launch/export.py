@@ -1,142 +1,30 @@
-"""Retention-gate checkpoints: gates.safetensors + gates.json next to any LoRA adapter, and their loaders.
+"""Exports loaded in one call: a retention-gate export (base + LoRA adapter + gates) or a query-selector export.
 
     model, tokenizer = load_retention_model("outputs/tiny/trim_kv")       # base + adapter + gates, ready
     cache = RetentionCache.for_model(model, memory_size=64)
     model.generate(**inputs, cache=cache)                  # past_key_values=cache before transformers 5.24
 
-gates.json records the architecture and sizes the gates were trained for and the base model (name or path and
-revision); loading gates onto another architecture or size, or a missing or truncated file, is a ModelError.
-Files are written under a temporary name and renamed, the JSON last, so a complete-looking export is complete.
+The gate files themselves are written and read by `tokensieve.selectors.gate_io`, the selector's by
+`tokensieve.trainers.query_selector`; both record the base model they belong to.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from tokensieve.errors import ModelError
-
-GATES_FILE = "gates.safetensors"
-GATES_CONFIG = "gates.json"
-FORMAT = "tokensieve-retention-gates"
-
-
-def replace_atomically(path: Path, write) -> None:
-    """Call write(temporary path) next to `path`, then rename it to `path`; no partial file is left on failure."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _base_model(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def gate_state(model) -> dict:
-    """The gate weights by layer: {"layers.<i>.<param>": tensor}."""
-    from tokensieve.selectors.attention import gates_of
-
-    return {f"layers.{i}.{name}": tensor.detach().cpu().contiguous()
-            for i, gate in enumerate(gates_of(model)) for name, tensor in gate.state_dict().items()}
-
-
-def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
-    from tokensieve.selectors.attention import gates_of
-
-    config = _base_model(model).config
-    text = config.get_text_config(decoder=True)
-    base = getattr(config, "_name_or_path", "") or ""
-    if base and os.path.isdir(base):
-        base = os.path.abspath(base)  # a local base is found again from any working directory
-    return {
-        "format": FORMAT,
-        "version": 1,
-        "architecture": text.model_type,
-        "hidden_size": text.hidden_size,
-        "num_hidden_layers": text.num_hidden_layers,
-        "num_key_value_heads": text.num_key_value_heads,
-        "gate": gates_of(model)[0].config,
-        "memory_size": memory_size,
-        "buffer_size": buffer_size,
-        "base_model_name_or_path": base,
-        "base_model_revision": getattr(config, "_commit_hash", None),
-    }
-
-
-def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = 128) -> Path:
-    """Write gates.safetensors and gates.json into `output_dir` (weights first, config last)."""
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = gates_config(model, memory_size, buffer_size)
-    replace_atomically(folder / GATES_FILE, lambda p: save_file(gate_state(model), str(p), metadata={"format": FORMAT}))
-    replace_atomically(folder / GATES_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return folder
-
-
-def read_gates_config(path) -> dict:
-    file = Path(path) / GATES_CONFIG
-    if not file.is_file():
-        raise ModelError(f"{path}: no {GATES_CONFIG} (not a retention-gate export, or an incomplete one)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{file}: not valid JSON ({error})") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
-    return config
-
-
-def check_compatible(model, config: dict, where) -> None:
-    """ModelError unless the gates in `config` were trained for this model's architecture and sizes."""
-    text = _base_model(model).config.get_text_config(decoder=True)
-    for key, have in (("architecture", text.model_type), ("hidden_size", text.hidden_size),
-                      ("num_hidden_layers", text.num_hidden_layers), ("num_key_value_heads", text.num_key_value_heads)):
-        if config.get(key) != have:
-            raise ModelError(f"{where}: gates were trained for {key} = {config.get(key)!r}, this model has {have!r}")
-
-
-def load_gate_weights(model, path) -> None:
-    """Load gates.safetensors from `path` into the gates already attached to `model` (strict)."""
-    from tokensieve.selectors.attention import gates_of
-
-    file = Path(path) / GATES_FILE
-    if not file.is_file():
-        raise ModelError(f"{path}: {GATES_FILE} is missing")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"{file}: cannot read the gate weights (truncated or corrupt file?): {error}") from None
-    gates = gates_of(model)
-    for i, gate in enumerate(gates):
-        prefix = f"layers.{i}."
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        try:
-            gate.load_state_dict(own, strict=True)
-        except RuntimeError as error:
-            raise ModelError(f"{file}: gate {i} does not fit this model: {' '.join(str(error).split())[:300]}") from None
-    if len(state) != sum(len(g.state_dict()) for g in gates):
-        raise ModelError(f"{file}: holds {len(state)} tensors, this model's gates have "
-                         f"{sum(len(g.state_dict()) for g in gates)}")
-
-
-def load_gates(model, path):
-    """Attach gates to `model` as gates.json at `path` describes, and load their weights. Returns the model."""
-    from tokensieve.selectors.attention import attach_gates
-
-    config = read_gates_config(path)
-    check_compatible(model, config, path)
-    gate = config["gate"]
-    attach_gates(model, gate["intermediate_size"], gate["bias_init"], gate["act"])
-    load_gate_weights(model, path)
-    return model
+from tokensieve.files import replace_atomically  # noqa: F401 (importable from here, as before)
+from tokensieve.selectors.gate_io import (  # noqa: F401 (the gate export's API, importable from here as before)
+    GATES_CONFIG,
+    GATES_FILE,
+    check_compatible,
+    gate_state,
+    gates_config,
+    load_gate_weights,
+    load_gates,
+    read_gates_config,
+    save_gates,
+)
 
 
 def _load_export_base(path: Path, config: dict, config_file: str, base_model: str | None, dtype,

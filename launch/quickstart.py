@@ -255,7 +255,7 @@ class Quickstart:
 
     def _curate(self, folder: Path, rows: int) -> dict:
         """`tokensieve curate recipes/tiny/curate.yaml`: score the base's tokens against the reference."""
-        from tokensieve.data.curation import run_curation
+        from tokensieve.launch.curate import run_curation
         from tokensieve.launch.recipe import load_curate_recipe
 
         recipe = REPO_ROOT / "recipes/tiny/curate.yaml"

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from tokensieve.upstream import modeling_function
+from tokensieve.upstream import fused_head_labelled_positions_only, modeling_function
 
 EPS = 1e-8
 
@@ -241,3 +241,37 @@ def attention_to_prompt(
         probs = scores.masked_fill(~allowed, -math.inf).softmax(dim=-1).nan_to_num(0.0)
         out[:, rows] = (probs * keys[:, None, None, :]).sum(dim=-1).mean(dim=1)
     return out
+
+
+# --- per-token log-probabilities (history, reference and curation passes) --------------------------------------
+
+@contextmanager
+def eval_mode(model: nn.Module):
+    """No dropout for a scoring pass; the previous mode comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def token_logprobs(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
+    """log p(label_t | tokens < t) for t >= 1, [B, T-1]; 0 where the label is -100. `model` has a fused LM head."""
+    with eval_mode(model), fused_head_labelled_positions_only():  # also outside a trainer (curation)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
+                        use_cache=False)
+    return outputs.log_probs.float()
+
+
+def realign_reference(reference_logprobs: torch.Tensor, reference_labels: torch.Tensor,
+                      response: torch.Tensor) -> torch.Tensor:
+    """Scores of a reference sequence moved onto the main sequence's response positions.
+
+    The reference sequence (e.g. PRIOR's prompt without its condition, then the same response) holds the same
+    response tokens in the same order: its per-token values [B, T_ref - 1] at `reference_labels[:, 1:] != -100` go,
+    in order, to the True positions of `response` [B, T - 1]; 0 elsewhere."""
+    values = reference_logprobs[reference_labels[:, 1:] != -100]
+    return torch.zeros(response.shape, dtype=reference_logprobs.dtype, device=reference_logprobs.device).masked_scatter(
+        response, values)

@@ -585,7 +585,7 @@ def test_eos_loss_false_removes_exactly_the_appended_eos_label(tiny_tokenizer, t
 
 
 def test_retention_map_labels_tokens_and_counts_slots(tiny_tokenizer, tmp_path):
-    from data.synthetic import mqar, needle_qa
+    from tokensieve.data.synthetic import mqar, needle_qa
     from tokensieve.trainers.retention_map import (plot_retention_map, recall_token_kinds, retention_snapshot,
                                                    slot_shares)
 
@@ -614,16 +614,17 @@ def test_retention_map_labels_tokens_and_counts_slots(tiny_tokenizer, tmp_path):
 
 
 def test_trainer_logs_the_retention_map_to_wandb(tiny_tokenizer, tmp_path, monkeypatch):
-    from data.synthetic import mqar
+    from tokensieve.data.synthetic import mqar
+
+    import wandb
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # wandb keeps its settings once set up (another test may have changed them): read ours
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps(mqar.generate("test", 1, 0, mqar.OPTIONS(context_words=30, num_pairs=3))[0]) + "\n")
     trainer = train_gates(tiny_tokenizer, tmp_path, steps=2, retention_map_steps=1, retention_map_data=str(rows),
                           report_to=["wandb"])
-    import wandb
-
     wandb.finish()
     assert sorted(p.name for p in (tmp_path / "gates/retention_maps").iterdir()) == ["step_1.png", "step_2.png"]
     logged = list(tmp_path.glob("wandb/offline-run-*/files/media/images/retention_map_*.png"))

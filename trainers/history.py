@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -17,29 +17,9 @@ from torch import nn
 from trl.trainer.utils import add_fused_lm_head
 
 from tokensieve.errors import ModelError
-from tokensieve.upstream import fused_head_labelled_positions_only
+from tokensieve.selectors.token_scores import eval_mode, token_logprobs  # noqa: F401 (importable from here)
 
 EMA_FILE = "history_ema.safetensors"
-
-
-@contextmanager
-def eval_mode(model: nn.Module):
-    """No dropout for a scoring pass; the previous mode comes back afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
-def token_logprobs(model: nn.Module, input_ids, attention_mask, labels) -> torch.Tensor:
-    """log p(label_t | tokens < t) for t >= 1, [B, T-1]; 0 where the label is -100. `model` has a fused LM head."""
-    with eval_mode(model), fused_head_labelled_positions_only():  # also outside a trainer (curation)
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True,
-                        use_cache=False)
-    return outputs.log_probs.float()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -119,7 +99,7 @@ class ParameterEma:
 
     def save(self, folder: str) -> None:
         """Write the EMA state into a checkpoint folder (temporary name, then rename)."""
-        from tokensieve.launch.export import replace_atomically
+        from tokensieve.files import replace_atomically
 
         state = {n: t.contiguous() for n, t in self.shadow.items()}
         metadata = {"updated_at": str(self.updated_at), "alpha": str(self.alpha)}

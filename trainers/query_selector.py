@@ -25,7 +25,7 @@ from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
 from tokensieve.trainers.base import ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
-from tokensieve.trainers.selector_lm import _base, lm_features, reduced_inputs, split_prompt
+from tokensieve.trainers.selector_lm import _base, check_selector_lengths, lm_features, reduced_inputs, split_prompt
 
 SELECTOR_FILE = "selector.safetensors"
 SELECTOR_CONFIG = "selector.json"
@@ -144,16 +144,6 @@ def encode_rows(dataset, tokenizer, separator: str, dataset_name: str, answer_eo
 
     return dataset.map(encode, batched=True, with_indices=True, remove_columns=columns,
                        desc=f"Encoding {dataset_name} contexts")
-
-
-def check_selector_lengths(where: str, context_tokens: int, query_tokens: int, limit: int | None,
-                           limit_name: str) -> None:
-    """A DataError if there is no context to select from, or the query (+ answer) alone fills the length limit."""
-    if context_tokens == 0:
-        raise DataError(f"{where}: the context is empty (a query selector needs context tokens to select from)")
-    if limit is not None and query_tokens >= limit:
-        raise DataError(f"{where}: the query (and answer) take {query_tokens} tokens and {limit_name} is {limit}: "
-                        f"no room for any context (shorten the query or raise {limit_name})")
 
 
 class SelectorCollator:
@@ -310,7 +300,7 @@ def save_selector(model, output_dir, args: QuerySelectorConfig) -> Path:
               "base_model_name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
               "base_model_revision": getattr(base.config, "_commit_hash", None)}
     state = {k: v.detach().cpu().contiguous() for k, v in base.query_selector.state_dict().items()}
-    from tokensieve.launch.export import replace_atomically
+    from tokensieve.files import replace_atomically
 
     replace_atomically(folder / SELECTOR_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
     replace_atomically(folder / SELECTOR_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))

@@ -110,7 +110,7 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
     def __init__(self, model, args: RetentionConfig, *rest, **kwargs):
         if args.init_gates is not None:
             from tokensieve.errors import ModelError
-            from tokensieve.launch.export import check_compatible, load_gate_weights, load_gates, read_gates_config
+            from tokensieve.selectors.gate_io import check_compatible, load_gate_weights, load_gates, read_gates_config
 
             try:
                 if hasattr(attention_modules(model)[0], "retention_gate"):
@@ -236,7 +236,7 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
 
         The frozen base weights are not copied: gates.json names the base model they belong to.
         """
-        from tokensieve.launch.export import save_gates
+        from tokensieve.selectors.gate_io import save_gates
 
         output_dir = output_dir or self.args.output_dir
         unwrapped = self.accelerator.unwrap_model(self.model)
@@ -253,6 +253,6 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         if hasattr(unwrapped, "peft_config") or not os.path.exists(gates):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         if os.path.exists(gates):
-            from tokensieve.launch.export import load_gate_weights
+            from tokensieve.selectors.gate_io import load_gate_weights
 
             load_gate_weights(unwrapped, resume_from_checkpoint)

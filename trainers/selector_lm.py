@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from tokensieve.errors import DataError
 from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
 from tokensieve.upstream import attn_implementation, with_cache
 
@@ -39,6 +40,16 @@ def split_prompt(prompt: str, separator: str) -> tuple[str, str]:
     if cut < 0:
         raise ValueError(f"separator {separator!r} not found after the start of the prompt")
     return prompt[:cut], prompt[cut:]
+
+
+def check_selector_lengths(where: str, context_tokens: int, query_tokens: int, limit: int | None,
+                           limit_name: str) -> None:
+    """A DataError if there is no context to select from, or the query (+ answer) alone fills the length limit."""
+    if context_tokens == 0:
+        raise DataError(f"{where}: the context is empty (a query selector needs context tokens to select from)")
+    if limit is not None and query_tokens >= limit:
+        raise DataError(f"{where}: the query (and answer) take {query_tokens} tokens and {limit_name} is {limit}: "
+                        f"no room for any context (shorten the query or raise {limit_name})")
 
 
 @dataclass
@@ -304,8 +315,6 @@ class SelectorPipeline:
     def encode(self, contexts: list[str], queries: list[str]) -> dict:
         """Padded context/query ids and masks; an empty context or a query as long as the model's position limit
         is a DataError naming the example."""
-        from tokensieve.trainers.query_selector import check_selector_lengths
-
         device = next(self.model.parameters()).device
         ids = {name: self.tokenizer(texts, add_special_tokens=False)["input_ids"]
                for name, texts in (("context", contexts), ("query", queries))}

@@ -31,7 +31,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
-from tokensieve.errors import TrainingError
+from tokensieve.errors import EXAMPLE_INDEX, TrainingError
+from tokensieve.selectors.reference import add_reference_inputs
 from tokensieve.selectors.selection_quality import KINDS, KINDS_COLUMN, NOISE_KINDS, selection_quality
 from tokensieve.selectors.token_scores import (
     attention_per_label,
@@ -41,24 +42,15 @@ from tokensieve.selectors.token_scores import (
     excess_loss_select,
     kept_count,
     prior_weights,
+    realign_reference,
     select_top_share,
     sstoken_score,
+    token_logprobs,
 )
 from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
-from tokensieve.trainers.history import (
-    ParameterEma,
-    frozen_copy,
-    load_reference_model,
-    start_model_source,
-    token_logprobs,
-)
-from tokensieve.trainers.token_columns import (
-    EXAMPLE_INDEX,
-    TokenColumnCollator,
-    add_reference_inputs,
-    check_token_column,
-)
+from tokensieve.trainers.history import ParameterEma, frozen_copy, load_reference_model, start_model_source
+from tokensieve.trainers.token_columns import TokenColumnCollator, check_token_column
 
 SCORERS = ("sstoken", "rho1", "random", "prior", "column", "dft", "none")
 HISTORY_MODES = ("base", "ema", "offline")
@@ -285,9 +277,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             return self._base_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
         ref = self._base_logprobs(model, inputs["reference_input_ids"], inputs["reference_attention_mask"],
                                   inputs["reference_labels"])
-        ref_mask = inputs["reference_labels"][:, 1:] != -100
-        # Same response tokens in both sequences, in the same order: move the scores onto the main positions.
-        return torch.zeros(mask.shape, device=ref.device).masked_scatter(mask, ref[ref_mask])
+        return realign_reference(ref, inputs["reference_labels"], mask)
 
     def _attention_layer(self, model):
         base = self.accelerator.unwrap_model(model)

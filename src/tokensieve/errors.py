@@ -1,5 +1,7 @@
 """Errors a user can cause. The CLI prints `str(error)` without a traceback and exits with status 2."""
 
+EXAMPLE_INDEX = "example_index"  # a dataset row's index as loaded, kept in a column so messages can name the example
+
 
 class TokensieveError(Exception):
     """Base class for user-caused errors (bad recipe, data, model path, command-line use)."""
