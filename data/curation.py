@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from tokensieve.data.formats import detect_format, is_conversational
 from tokensieve.data.tokenize import tokenize_prompt_completion
-from tokensieve.errors import DataError
+from tokensieve.errors import DataError, check_values
 from tokensieve.files import replace_atomically
 from tokensieve.selectors.reference import add_reference_inputs
 from tokensieve.selectors.token_scores import (
@@ -38,6 +38,7 @@ from tokensieve.selectors.token_scores import (
     minmax_per_row,
     prior_weights,
     realign_reference,
+    share_count,
     token_logprobs,
     top_k_per_row,
 )
@@ -81,9 +82,7 @@ class CurateConfig:
             (self.batch_size >= 1, "batch_size", ">= 1", self.batch_size),
             (self.max_length is None or self.max_length >= 2, "max_length", ">= 2 or null", self.max_length),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        check_values(checks)
         if self.scorer in ("excess_loss", "sstoken") and not self.reference_model:
             raise ValueError(f"reference_model is required by scorer {self.scorer}")
         if not (self.output.endswith(OUTPUT_SUFFIXES) or not Path(self.output).suffix):
@@ -191,13 +190,13 @@ def token_masks(scores: list[list[float]], keep_ratio: float, level: str) -> lis
     """1 for the top keep_ratio of tokens: ceil(ratio * n) per example, or ceil(ratio * N) of the whole dataset."""
     if level == "global":
         flat = sorted((s for row in scores for s in row), reverse=True)
-        k = math.ceil(keep_ratio * len(flat))
+        k = share_count(keep_ratio, len(flat))
         threshold = flat[k - 1] if k else math.inf
         return [[int(s >= threshold) for s in row] for row in scores]
     masks = []
     for row in scores:
         values = torch.tensor(row)[None]
-        k = torch.tensor([math.ceil(keep_ratio * len(row))])
+        k = torch.tensor([share_count(keep_ratio, len(row))])
         masks.append(top_k_per_row(values, torch.ones_like(values, dtype=torch.bool), k)[0].int().tolist())
     return masks
 

@@ -49,10 +49,22 @@ def top_k_per_row(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> 
     return (rank < k.unsqueeze(1)) & mask
 
 
+def share_count(ratio: float, n):
+    """ceil(ratio * n): how many of n tokens a selection at `ratio` keeps (n an int, or an integer tensor of counts).
+    Every selection and the loss normaliser computed from the mask alone go through here, so they always agree."""
+    if isinstance(n, torch.Tensor):
+        return torch.ceil(ratio * n.double()).long()
+    return math.ceil(ratio * n)
+
+
+def random_scores(mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Uniform random scores, one per token: a top-share selection by them is the random control of any scorer."""
+    return torch.rand(mask.shape, generator=generator).to(mask.device)
+
+
 def top_fraction(scores: torch.Tensor, mask: torch.Tensor, ratio: float) -> torch.Tensor:
     """Keep the top ceil(ratio * n) masked entries of the whole batch (flattened)."""
-    n = int(mask.sum())
-    k = math.ceil(ratio * n)
+    k = share_count(ratio, int(mask.sum()))
     flat = top_k_per_row(scores.reshape(1, -1), mask.reshape(1, -1), torch.tensor([k], device=scores.device))
     return flat.view_as(mask)
 
@@ -65,8 +77,7 @@ def select_top_share(scores: torch.Tensor, mask: torch.Tensor, ratio: float, lev
         return top_fraction(scores, mask, ratio)
     if level != "sample":
         raise ValueError(f"level must be 'sample' or 'batch', got {level!r}")
-    k = torch.ceil(ratio * mask.sum(dim=1).double()).long()
-    return top_k_per_row(scores, mask, k)
+    return top_k_per_row(scores, mask, share_count(ratio, mask.sum(dim=1)))
 
 
 def kept_count(mask: torch.Tensor, ratio: float, level: str = "sample") -> int:
@@ -75,9 +86,9 @@ def kept_count(mask: torch.Tensor, ratio: float, level: str = "sample") -> int:
     Known from the mask alone, so the loss normaliser of a global batch is known before any forward.
     """
     if level == "sample":
-        return int(torch.ceil(ratio * mask.sum(dim=1).double()).sum())
+        return int(share_count(ratio, mask.sum(dim=1)).sum())
     if level == "batch":
-        return math.ceil(ratio * int(mask.sum()))
+        return share_count(ratio, int(mask.sum()))
     raise ValueError(f"level must be 'sample' or 'batch', got {level!r}")
 
 

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 from trl import SFTConfig, SFTTrainer
 
-from tokensieve.errors import DataError, ModelError
+from tokensieve.errors import DataError, ModelError, check_values
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
 from tokensieve.trainers.base import ConfigDefaults, TrainerBase
@@ -94,9 +94,7 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
             (self.training_selection in ("mask", "drop"), "training_selection", "'mask' or 'drop'",
              self.training_selection),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        check_values(checks)
 
     def selector_kwargs(self, hidden_size: int) -> dict:
         return dict(hidden_size=hidden_size, num_heads=self.selector_heads, budget_hidden=self.budget_hidden,

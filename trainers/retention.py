@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
+from tokensieve.errors import check_values
 from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, attention_modules, collected_log_beta,
                                             gates_disabled, set_training_kernel, train_with_eviction)
 from tokensieve.selectors.retention import capacity_terms
@@ -92,9 +93,7 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
             (self.gate_intermediate_size >= 1, "gate_intermediate_size", ">= 1", self.gate_intermediate_size),
             (not self.packing, "packing", "false (the capacity loss needs one sequence per row)", self.packing),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        check_values(checks)
 
 
 EOS_PROBABILITY_FLOOR = 0.05  # below it, the teacher cannot produce the end-of-sequence label (see the warning)

@@ -31,7 +31,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
-from tokensieve.errors import EXAMPLE_INDEX, TrainingError
+from tokensieve.errors import EXAMPLE_INDEX, TrainingError, check_values
 from tokensieve.selectors.reference import add_reference_inputs
 from tokensieve.selectors.selection_quality import KINDS, KINDS_COLUMN, NOISE_KINDS, selection_quality
 from tokensieve.selectors.token_scores import (
@@ -42,6 +42,7 @@ from tokensieve.selectors.token_scores import (
     excess_loss_select,
     kept_count,
     prior_weights,
+    random_scores,
     realign_reference,
     select_top_share,
     sstoken_score,
@@ -139,9 +140,7 @@ class TokenLossConfig(ConfigDefaults, CompletionLabels, SFTConfig):
             (self.prior_alpha >= 0.0, "prior_alpha", ">= 0", self.prior_alpha),
             (not (self.packing and self.token_columns()), "packing", "false with per-token columns", self.packing),
         ]
-        for ok, name, expected, value in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {expected}, got {value!r}")
+        check_values(checks)
 
     def token_columns(self) -> list[str]:
         """The per-token dataset columns this configuration reads."""
@@ -351,8 +350,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             scores = current + reference_logprobs  # excess loss L_cur - L_ref
             weights = excess_loss_select(current, -reference_logprobs, mask, args.select_ratio).float()
         elif scorer == "random":
-            generator = torch.Generator().manual_seed(self._rng.getrandbits(63))
-            scores = torch.rand(mask.shape, generator=generator).to(mask.device)
+            scores = random_scores(mask, torch.Generator().manual_seed(self._rng.getrandbits(63)))
             weights = select_top_share(scores, mask, args.select_ratio, args.selection_level).float()
         elif scorer == "prior":
             weights = prior_weights(reference_logprobs, mask, args.prior_alpha)

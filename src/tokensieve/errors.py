@@ -21,3 +21,11 @@ class ModelError(TokensieveError):
 
 class TrainingError(TokensieveError):
     """Training cannot go on as configured: e.g. the loss or a gate output became NaN or inf."""
+
+
+def check_values(checks) -> None:
+    """Raise ValueError("NAME must be EXPECTED, got VALUE") for the first failing (ok, name, expected, value) of a
+    config's table of checks (the recipe loader reports it against the recipe key)."""
+    for ok, name, expected, value in checks:
+        if not ok:
+            raise ValueError(f"{name} must be {expected}, got {value!r}")
