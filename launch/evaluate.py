@@ -103,13 +103,12 @@ def evaluate_files(model_path: str, files: list[str], max_examples: int | None =
     setting = {}
     if bounded:
         from tokensieve.launch.generate import load_for_generation
-        from tokensieve.selectors.kv_cache import POLICIES, RetentionCache
+        from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_sizes
 
         if policy not in POLICIES:
             raise ModelError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         model, tokenizer, config = load_for_generation(model_path, policy)
-        memory_size = memory_size if memory_size is not None else config.get("memory_size")
-        buffer_size = buffer_size if buffer_size is not None else config.get("buffer_size", 128)
+        memory_size, buffer_size = cache_sizes(config, memory_size, buffer_size)
         setting = {"memory_size": memory_size, "buffer_size": buffer_size, "policy": policy}
 
         def make_cache():

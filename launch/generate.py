@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from tokensieve.errors import ModelError
-from tokensieve.selectors.kv_cache import POLICIES, RetentionCache
+from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_sizes
 from tokensieve.upstream import with_cache
 
 
@@ -51,8 +51,7 @@ def generate_text(path: str, prompts: list[str], memory_size: int | None = None,
     if policy not in POLICIES:
         raise ModelError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     model, tokenizer, config = load_for_generation(path, policy)
-    memory_size = memory_size if memory_size is not None else config.get("memory_size")
-    buffer_size = buffer_size if buffer_size is not None else config.get("buffer_size", 128)
+    memory_size, buffer_size = cache_sizes(config, memory_size, buffer_size)
     results = []
     for prompt in prompts:
         encoded = tokenizer(prompt, return_tensors="pt")

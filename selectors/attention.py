@@ -23,7 +23,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tokensieve.selectors.kv_cache import RetentionCache
+from tokensieve.selectors.kv_cache import RetentionCache, check_memory_size
 from tokensieve.selectors.retention import RetentionGate, retention_bias
 from tokensieve.upstream import attn_implementation, cache_in, modeling_function
 
@@ -350,8 +350,8 @@ def train_with_eviction(model: nn.Module, memory_size: int | None) -> None:
 
     See `evicted_bias`; the gradient stays the soft bias's (straight-through).
     """
-    if memory_size is not None and memory_size < 1:
-        raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+    if memory_size is not None:  # None: no eviction
+        check_memory_size(memory_size)
     for attention in attention_modules(model):
         attention.__dict__["_retention_train_memory"] = memory_size
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokensieve.errors import ModelError
 from tokensieve.files import replace_atomically
 from tokensieve.selectors.attention import attach_gates, gates_of
+from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
 
 GATES_FILE = "gates.safetensors"
 GATES_CONFIG = "gates.json"
@@ -55,7 +56,7 @@ def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
     }
 
 
-def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = 128) -> Path:
+def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = DEFAULT_BUFFER) -> Path:
     """Write gates.safetensors and gates.json into `output_dir` (weights first, config last)."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,24 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 POLICIES = ("gates", "streaming", "h2o", "snapkv", "knorm", "random")
+DEFAULT_BUFFER = 128  # tokens added between evictions, unless a recipe, an export or the caller says otherwise
+
+
+def check_memory_size(memory_size: int | None, none_means: str | None = None) -> None:
+    """ValueError unless memory_size is >= 1 (or None where `none_means` says what None stands for)."""
+    if memory_size is None and none_means is not None:
+        return
+    if memory_size is None or memory_size < 1:
+        alternative = f" (or None for {none_means})" if none_means else ""
+        raise ValueError(f"memory_size must be >= 1{alternative}, got {memory_size}")
+
+
+def cache_sizes(config: dict, memory_size: int | None, buffer_size: int | None) -> tuple[int | None, int]:
+    """(memory, buffer) for a cache: those given, else the ones a gates export recorded (gates.json), else no
+    limit and the default buffer."""
+    memory = memory_size if memory_size is not None else config.get("memory_size")
+    buffer = buffer_size if buffer_size is not None else config.get("buffer_size", DEFAULT_BUFFER)
+    return memory, buffer
 NEEDS_ATTENTION = ("h2o", "snapkv")  # policies that read attention probabilities (eager attention)
 
 
@@ -28,13 +46,12 @@ class RetentionLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, memory_size: int | None, buffer_size: int = 128, policy: str = "gates", sink_tokens: int = 4,
+    def __init__(self, memory_size: int | None, buffer_size: int = DEFAULT_BUFFER, policy: str = "gates", sink_tokens: int = 4,
                  recent_size: int | None = None, window: int = 32, seed: int = 0):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        if memory_size is not None and memory_size < 1:
-            raise ValueError(f"memory_size must be >= 1 (or None for no limit), got {memory_size}")
+        check_memory_size(memory_size, none_means="no limit")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         self.memory_size, self.buffer_size, self.policy = memory_size, buffer_size, policy
@@ -270,14 +287,14 @@ class RetentionCache(Cache):
     buffer_size: tokens added before the next eviction, so the physical length stays <= memory_size + buffer_size.
     """
 
-    def __init__(self, num_layers: int, memory_size: int | None = 512, buffer_size: int = 128, policy: str = "gates",
+    def __init__(self, num_layers: int, memory_size: int | None = 512, buffer_size: int = DEFAULT_BUFFER, policy: str = "gates",
                  **policy_options):
         super().__init__(layers=[RetentionLayer(memory_size, buffer_size, policy, seed=i, **policy_options)
                                  for i in range(num_layers)])
         self.memory_size, self.buffer_size, self.policy = memory_size, buffer_size, policy
 
     @classmethod
-    def for_model(cls, model, memory_size: int | None = 512, buffer_size: int = 128, policy: str = "gates",
+    def for_model(cls, model, memory_size: int | None = 512, buffer_size: int = DEFAULT_BUFFER, policy: str = "gates",
                   **policy_options) -> "RetentionCache":
         config = model.config.get_text_config(decoder=True)
         return cls(config.num_hidden_layers, memory_size, buffer_size, policy, **policy_options)

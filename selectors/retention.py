@@ -10,6 +10,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
+from tokensieve.selectors.kv_cache import check_memory_size
+
 
 class RetentionGate(nn.Module):
     """log beta = logsigmoid(W2 act(W1 x + b1) + b) per kv head, from a layer's attention input x [B, T, D].
@@ -86,8 +88,7 @@ def capacity_terms(log_beta: torch.Tensor, memory_size: float, global_budget: bo
     Query rows are processed in chunks of `chunk_size` and recomputed in the backward pass, so memory stays at
     [B, H, chunk, T] (never [T, T] per head at once, never float64).
     """
-    if memory_size < 1:
-        raise ValueError(f"memory_size must be >= 1, got {memory_size}")
+    check_memory_size(memory_size)
     if log_beta.dim() != 3:
         raise ValueError(f"log_beta must be [B, H, T], got shape {tuple(log_beta.shape)}")
     log_beta = log_beta.float()

@@ -24,6 +24,7 @@ from trl import SFTConfig, SFTTrainer
 from tokensieve.errors import check_values
 from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, attention_modules, collected_log_beta,
                                             gates_disabled, set_training_kernel, train_with_eviction)
+from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
 from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
@@ -34,7 +35,7 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
     """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (METHODS.md)."""
 
     memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
-    buffer_size: int = field(default=128, metadata={"help": "Inference: tokens added between evictions (saved in the export)."})
+    buffer_size: int = field(default=DEFAULT_BUFFER, metadata={"help": "Inference: tokens added between evictions (saved in the export)."})
     capacity_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the capacity loss."})
     global_budget: bool = field(
         default=False, metadata={"help": "One budget of M * layers * heads shared by all heads instead of M per head."}
