@@ -40,8 +40,41 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in _decoder(model).layers]
 
 
+class RetentionState:
+    """Everything the retention attention keeps on one attention module, in one place.
+
+    fallback       the model's own attention implementation (gates off, or another kind of cache)
+    enabled        False inside `gates_disabled` (the distillation teacher's forward)
+    hook           the forward pre-hook that runs the gate (`_gate_hook`)
+    train_memory   train_with_eviction's M (None: the soft bias only)
+    kernel, chunk  how the training attention is computed (`set_training_kernel`)
+    Set by the pre-hook for the attention call that follows it:
+    cache_layer    the RetentionLayer of a cached forward (None otherwise)
+    log_beta       the gate's output of an uncached forward, with its graph (None otherwise)
+
+    Stored in the module's __dict__ under STATE: a plain object, so the per-token writes at decode skip
+    nn.Module.__setattr__'s checks of parameters, buffers and submodules.
+    """
+
+    __slots__ = ("fallback", "enabled", "hook", "train_memory", "kernel", "chunk", "cache_layer", "log_beta")
+
+    def __init__(self, fallback: str = "sdpa"):
+        self.fallback, self.enabled, self.hook = fallback, True, None
+        self.train_memory, self.kernel, self.chunk = None, "chunked", DEFAULT_CHUNK
+        self.cache_layer = self.log_beta = None
+
+
+STATE = "_retention_state"
+
+
+def retention_state(module: nn.Module) -> RetentionState | None:
+    """The RetentionState of an attention module (None if it has no gate)."""
+    return module.__dict__.get(STATE)
+
+
 def _fallback(module: nn.Module, query, key, value, attention_mask, **kwargs):
-    name = getattr(module, "_retention_fallback", "sdpa")
+    state = retention_state(module)
+    name = state.fallback if state is not None else "sdpa"
     if name in ALL_ATTENTION_FUNCTIONS:
         return ALL_ATTENTION_FUNCTIONS[name](module, query, key, value, attention_mask, **kwargs)
     eager = modeling_function(module, "eager_attention_forward")
@@ -216,9 +249,8 @@ def _biased_attention(module, query, key, value, attention_mask, log_beta, scali
     """The gated training attention with the module's kernel (`set_training_kernel`). The bias (t - i) log beta_i
     grows with the distance t - i: rounded to bf16 it would be off by ~0.4%, in its gradient too, so it (and the
     softmax over it) stays fp32 whatever the model's dtype; the output goes back to the model's dtype."""
-    state = module.__dict__
-    memory = state.get("_retention_train_memory")
-    kernel, chunk = state.get("_retention_training_kernel", ("chunked", DEFAULT_CHUNK))
+    state = retention_state(module) or RetentionState()
+    memory, kernel, chunk = state.train_memory, state.kernel, state.chunk
     if kernel == "chunked":
         output = chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
     elif kernel == "flex":
@@ -237,10 +269,7 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         # The mask's diagonal says which new tokens are real (left padding shows up there).
         steps = torch.arange(q, device=query.device)
-        real = attention_mask[:, 0, steps, length - q + steps]
-        if layer.padded or not bool(real.all()):
-            layer.padded = True  # first, so that the layer keeps the validity written here
-            layer.valid[:, :, length - q:] = real[:, None, :]
+        layer.mark_real(attention_mask[:, 0, steps, length - q + steps])
     if q == 1 and not layer.padded and not layer.needs_attention:
         # Decoding without padding: every cached token is visible, no mask needed (the fast path). The same sdpa call
         # as transformers' own sdpa attention makes for a maskless decode step (GQA inside the kernel).
@@ -270,10 +299,10 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
 def retention_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function registered as "tokensieve_retention" (see the module docstring)."""
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    layer = getattr(module, "_retention_cache_layer", None)
-    if layer is not None:
-        return _cached_attention(module, layer, query, key, value, attention_mask, scaling)
-    log_beta = getattr(module, "_retention_log_beta", None)
+    state = retention_state(module)
+    if state is not None and state.cache_layer is not None:
+        return _cached_attention(module, state.cache_layer, query, key, value, attention_mask, scaling)
+    log_beta = state.log_beta if state is not None else None
     if log_beta is None:
         return _fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     return _biased_attention(module, query, key, value, attention_mask, log_beta, scaling, dropout)
@@ -281,22 +310,21 @@ def retention_attention(module, query, key, value, attention_mask, scaling=None,
 
 def _gate_hook(module, args, kwargs):
     """Before each attention call: run the gate on the attention input and tell the cache or the bias about it."""
-    # Runs once per layer and decoded token: state goes straight into the module's __dict__ (nn.Module.__setattr__
-    # checks parameters, buffers and submodules on every call, a visible cost at decode).
-    state = module.__dict__
+    # Runs once per layer and decoded token: a plain object's attributes, no nn.Module bookkeeping.
+    state = module.__dict__[STATE]
     cache = cache_in(kwargs)  # `cache=` from transformers 5.24, `past_key_values=` before
-    state["_retention_cache_layer"] = state["_retention_log_beta"] = None
+    state.cache_layer = state.log_beta = None
     if cache is not None and not isinstance(cache, RetentionCache):
         return None  # another cache: the original attention, the gate is not needed
-    gate = module._modules["retention_gate"] if state.get("_retention_enabled", True) else None
+    gate = module._modules["retention_gate"] if state.enabled else None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if cache is not None:
         # The cache runs the gate when it next evicts, once for all the tokens added since (decoding runs no gate).
         layer = cache.layers[module.layer_idx]
         layer.pending_gate = None if gate is None else (gate, hidden.detach() if hidden.requires_grad else hidden)
-        state["_retention_cache_layer"] = layer
+        state.cache_layer = layer
     else:
-        state["_retention_log_beta"] = None if gate is None else gate(hidden)  # with its graph: the capacity loss
+        state.log_beta = None if gate is None else gate(hidden)  # with its graph: the capacity loss
 
 
 AttentionInterface.register(ATTENTION_NAME, retention_attention)
@@ -320,9 +348,8 @@ def attach_gates(model: nn.Module, intermediate_size: int = 512, bias_init: floa
         gate = RetentionGate(config.hidden_size, config.num_key_value_heads, intermediate_size, bias_init,
                              act or config.hidden_act).to(device=parameter.device, dtype=torch.float32)
         attention.retention_gate = gate
-        attention._retention_fallback = original
-        attention._retention_enabled = True
-        attention._retention_hook = attention.register_forward_pre_hook(_gate_hook, with_kwargs=True)
+        state = attention.__dict__[STATE] = RetentionState(original)
+        state.hook = attention.register_forward_pre_hook(_gate_hook, with_kwargs=True)
         gates.append(gate)
     model.set_attn_implementation(ATTENTION_NAME)
     return gates
@@ -334,13 +361,10 @@ def detach_gates(model: nn.Module) -> None:
     for attention in attention_modules(model):
         if not hasattr(attention, "retention_gate"):
             continue
-        attention._retention_hook.remove()
-        original = attention._retention_fallback
-        for name in ("retention_gate", "_retention_hook", "_retention_fallback", "_retention_enabled",
-                     "_retention_cache_layer", "_retention_log_beta", "_retention_train_memory",
-                     "_retention_training_kernel"):
-            if hasattr(attention, name):
-                delattr(attention, name)
+        state = attention.__dict__.pop(STATE)
+        state.hook.remove()
+        original = state.fallback
+        del attention.retention_gate
     if original is not None:
         model.set_attn_implementation(original)
 
@@ -353,7 +377,7 @@ def train_with_eviction(model: nn.Module, memory_size: int | None) -> None:
     if memory_size is not None:  # None: no eviction
         check_memory_size(memory_size)
     for attention in attention_modules(model):
-        attention.__dict__["_retention_train_memory"] = memory_size
+        _require_state(attention).train_memory = memory_size
 
 
 def set_training_kernel(model: nn.Module, kernel: str = "chunked", chunk: int = DEFAULT_CHUNK) -> None:
@@ -365,7 +389,15 @@ def set_training_kernel(model: nn.Module, kernel: str = "chunked", chunk: int = 
     if chunk < 1:
         raise ValueError(f"the training kernel's chunk must be >= 1, got {chunk}")
     for attention in attention_modules(model):
-        attention.__dict__["_retention_training_kernel"] = (kernel, chunk)
+        state = _require_state(attention)
+        state.kernel, state.chunk = kernel, chunk
+
+
+def _require_state(attention: nn.Module) -> RetentionState:
+    state = retention_state(attention)
+    if state is None:
+        raise ValueError("the model has no retention gates attached (attach_gates or load_gates first)")
+    return state
 
 
 def gates_of(model: nn.Module) -> list[RetentionGate]:
@@ -379,19 +411,20 @@ def gates_of(model: nn.Module) -> list[RetentionGate]:
 def gates_disabled(model: nn.Module):
     """Run the model as if it had no gates (the teacher of distillation; no second copy of the weights)."""
     modules = attention_modules(model)
-    previous = [getattr(m, "_retention_enabled", True) for m in modules]
-    for m in modules:
-        m._retention_enabled = False
+    states = [_require_state(m) for m in modules]
+    previous = [state.enabled for state in states]
+    for state in states:
+        state.enabled = False
     try:
         yield model
     finally:
-        for m, state in zip(modules, previous):
-            m._retention_enabled = state
+        for state, enabled in zip(states, previous):
+            state.enabled = enabled
 
 
 def collected_log_beta(model: nn.Module) -> torch.Tensor:
     """log beta of the last forward without a cache, all layers stacked: [B, layers * H_kv, T] (with its graph)."""
-    values = [getattr(m, "_retention_log_beta", None) for m in attention_modules(model)]
+    values = [getattr(retention_state(m), "log_beta", None) for m in attention_modules(model)]
     if any(v is None for v in values):
         raise ValueError("no log beta recorded: run a forward with gates on and without a cache first")
     return torch.cat(values, dim=1)

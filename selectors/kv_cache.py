@@ -129,6 +129,13 @@ class RetentionLayer(DynamicLayer):
         self._tail += length
         return self.keys, self.values
 
+    def mark_real(self, real: torch.Tensor) -> None:
+        """Record which of the newest tokens are real ([B, q] bool; False: padding). Until padding is first seen
+        nothing is stored (every token is real); from then on validity is kept per token."""
+        if self.padded or not bool(real.all()):
+            self.padded = True  # first, so that `valid` keeps what is written next
+            self.valid[:, :, -real.shape[1]:] = real[:, None, :]
+
     def _materialize(self) -> None:
         """Write the position, validity, score (and for other policies zero log beta) of the newest `_tail` tokens."""
         if not self._tail:

@@ -13,10 +13,11 @@ from transformers import AutoModelForCausalLM
 from tokensieve.errors import ModelError
 from tokensieve.launch.export import GATES_FILE, load_gates, load_retention_model, save_gates
 from tokensieve.launch.model import FromScratchArguments, build_config
-from tokensieve.selectors.attention import (TRAINING_KERNELS, _biased_attention, attach_gates, attention_modules,
-                                            chunked_gated_attention, collected_log_beta, dense_gated_attention,
-                                            detach_gates, evicted_bias, flex_gated_attention, gates_disabled, gates_of,
-                                            set_training_kernel, train_with_eviction)
+from tokensieve.selectors.attention import (STATE, TRAINING_KERNELS, RetentionState, _biased_attention, attach_gates,
+                                            attention_modules, chunked_gated_attention, collected_log_beta,
+                                            dense_gated_attention, detach_gates, evicted_bias, flex_gated_attention,
+                                            gates_disabled, gates_of, retention_state, set_training_kernel,
+                                            train_with_eviction)
 from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
 from tokensieve.selectors.retention import RetentionGate, capacity_loss, retention_bias
 from tokensieve.trainers.retention import RetentionConfig, RetentionTrainer
@@ -57,8 +58,8 @@ def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory, kernel):
     log_beta = (-torch.rand(2, 2, 64) * 0.3).requires_grad_()  # the gate's output, fp32
     upstream = torch.randn(2, 64, 4, 8).bfloat16().float()  # representable in bf16: the same in both paths
     module = torch.nn.Module()
-    module.__dict__["_retention_train_memory"] = memory
-    module.__dict__["_retention_training_kernel"] = (kernel, 16)
+    state = module.__dict__[STATE] = RetentionState()
+    state.train_memory, state.kernel, state.chunk = memory, kernel, 16
 
     def run(q, k, v, dtype):
         beta = log_beta.detach().clone().requires_grad_()
@@ -81,7 +82,8 @@ def test_training_with_eviction_attends_to_the_kept_keys_with_soft_gradients():
 
     def run(memory):
         module = torch.nn.Module()
-        module.__dict__["_retention_train_memory"] = memory
+        module.__dict__[STATE] = RetentionState()
+        module.__dict__[STATE].train_memory = memory
         output = _biased_attention(module, query, key, value, None, log_beta, 8**-0.5, 0.0)[0]
         gradient, = torch.autograd.grad((output * upstream).sum(), log_beta)
         return output.detach(), gradient
@@ -349,7 +351,7 @@ def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
 def test_trainer_can_train_with_eviction(tiny_tokenizer, tmp_path):
     trainer = train_gates(tiny_tokenizer, tmp_path, steps=2, train_with_eviction=True)
     model = trainer.accelerator.unwrap_model(trainer.model)
-    assert {m.__dict__.get("_retention_train_memory") for m in attention_modules(model)} == {4}
+    assert {retention_state(m).train_memory for m in attention_modules(model)} == {4}
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
     train_with_eviction(model, None)
     ids = torch.randint(3, 250, (1, 12))
@@ -357,7 +359,7 @@ def test_trainer_can_train_with_eviction(tiny_tokenizer, tmp_path):
     train_with_eviction(model, 4)
     assert not torch.allclose(model(input_ids=ids, use_cache=False).logits, soft)
     detach_gates(model)
-    assert all("_retention_train_memory" not in m.__dict__ for m in attention_modules(model))
+    assert all(retention_state(m) is None and not hasattr(m, "retention_gate") for m in attention_modules(model))
 
 
 def test_loss_from_response_logits_equals_the_full_logits_loss(tiny_tokenizer, tmp_path):

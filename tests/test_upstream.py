@@ -15,7 +15,7 @@ import trl.trainer.utils
 from trl.trainer.utils import add_fused_lm_head
 
 from tokensieve.launch.methods import METHODS
-from tokensieve.selectors.attention import _gate_hook, attach_gates, attention_modules, gates_of
+from tokensieve.selectors.attention import _gate_hook, attach_gates, attention_modules, gates_of, retention_state
 from tokensieve.selectors.kv_cache import RetentionCache
 from tokensieve.upstream import (CACHE_ARGUMENTS, PRIVATE_OVERRIDES, SUBMODULE_IMPORTS, UpstreamChange,
                                  attn_implementation, cache_argument, cache_in, check_private_overrides,
@@ -112,13 +112,13 @@ def test_gate_hook_sees_a_retention_cache_under_each_name(tiny_model, name):
     hidden = torch.randn(2, 5, model.config.hidden_size)
     cache = RetentionCache.for_model(model, memory_size=4, buffer_size=2)
     _gate_hook(attention, (), {"hidden_states": hidden, name: cache})
-    assert attention.__dict__["_retention_cache_layer"] is cache.layers[1]
-    assert attention.__dict__["_retention_log_beta"] is None  # no training bias on a cached forward
+    assert retention_state(attention).cache_layer is cache.layers[1]
+    assert retention_state(attention).log_beta is None  # no training bias on a cached forward
     gate, gate_input = cache.layers[1].pending_gate
     assert gate is gates_of(model)[1] and torch.equal(gate_input, hidden)
     _gate_hook(attention, (), {"hidden_states": hidden, name: None})  # no cache: the training bias path
-    assert attention.__dict__["_retention_cache_layer"] is None
-    assert attention.__dict__["_retention_log_beta"].shape == (2, model.config.num_key_value_heads, 5)
+    assert retention_state(attention).cache_layer is None
+    assert retention_state(attention).log_beta.shape == (2, model.config.num_key_value_heads, 5)
 
 
 def test_with_cache_uses_the_installed_name_and_equals_the_old_name(tiny_model):
