@@ -1,7 +1,7 @@
 """A bounded KV cache for `generate`: each layer keeps at most `memory_size` tokens per kv head (+ a buffer).
 
 One cache class, several eviction scores, so every policy is compared at the same budget by the same code:
-    gates      TRIM-KV: (t + 1 - pos) * log beta, the log of the token's decayed retention (METHODS.md s.4)
+    gates      TRIM-KV: (t + 1 - pos) * log beta, the log of the token's decayed retention (docs/methods.md s.4)
     streaming  StreamingLLM: the first `sink_tokens` tokens, then the most recent
     h2o        H2O: attention received so far, plus the most recent `recent_size` tokens
     snapkv     SnapKV: attention from the last `window` queries of the latest prompt chunk (pooled), + that window

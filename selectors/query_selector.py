@@ -1,4 +1,4 @@
-"""QTSplus-style query-aware token selection (METHODS.md section 5), and training-free baselines.
+"""QTSplus-style query-aware token selection (docs/methods.md section 5), and training-free baselines.
 
 QuerySelector scores N candidate tokens X [B, N, D] against the query tokens Q [B, L, D] with one cross-attention
 layer (r_j = max over heads and query positions of the attention probability), predicts a keep ratio rho from

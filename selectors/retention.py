@@ -1,4 +1,4 @@
-"""TRIM-KV retention gates, their training-time attention bias and the capacity loss (METHODS.md section 4)."""
+"""TRIM-KV retention gates, their training-time attention bias and the capacity loss (docs/methods.md section 4)."""
 
 from __future__ import annotations
 

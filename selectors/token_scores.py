@@ -1,4 +1,4 @@
-"""Per-token scores and selections for token-level losses: ssToken, Rho-1, PRIOR (METHODS.md sections 1-3).
+"""Per-token scores and selections for token-level losses: ssToken, Rho-1, PRIOR (docs/methods.md sections 1-3).
 
 Every function takes [B, T] tensors aligned with the labels they score (one entry per predicted token) and a
 boolean mask of the tokens that may be scored (the response tokens, label != -100). Nothing here knows about
@@ -114,7 +114,7 @@ def sstoken_select(
     rho: float = 0.6,
     level: str = "sample",
 ) -> torch.Tensor:
-    """ssToken selection (METHODS.md section 1): the top ceil(rho * n_resp) response tokens of each sample by
+    """ssToken selection (docs/methods.md section 1): the top ceil(rho * n_resp) response tokens of each sample by
     gamma * minmax(L_his - L_cur) + (1 - gamma) * A. `level="batch"` ranks the same scores over the whole batch.
 
     Returns a bool [B, T] subset of `response_mask`.
@@ -125,7 +125,7 @@ def sstoken_select(
 
 
 def excess_loss_select(current_loss, reference_loss, mask, ratio: float) -> torch.Tensor:
-    """Rho-1 selective language modelling (METHODS.md section 2): keep the top ceil(ratio * N) tokens of the batch
+    """Rho-1 selective language modelling (docs/methods.md section 2): keep the top ceil(ratio * N) tokens of the batch
     by excess loss L_cur - L_ref, N the number of masked tokens in the batch."""
     _check_shapes(mask, current_loss=current_loss, reference_loss=reference_loss)
     _check_ratio("ratio", ratio)
@@ -133,7 +133,7 @@ def excess_loss_select(current_loss, reference_loss, mask, ratio: float) -> torc
 
 
 def prior_weights(reference_logprobs, mask, alpha: float = 1.0) -> torch.Tensor:
-    """PRIOR token weights (METHODS.md section 3): w_i = (1 - p_ref(t_i))^alpha, scaled to mean 1 over each
+    """PRIOR token weights (docs/methods.md section 3): w_i = (1 - p_ref(t_i))^alpha, scaled to mean 1 over each
     sequence's masked tokens, 0 outside the mask. A sequence whose tokens the reference predicts with certainty
     (all raw weights 0) gets uniform weights."""
     _check_shapes(mask, reference_logprobs=reference_logprobs)

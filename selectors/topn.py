@@ -1,4 +1,4 @@
-"""Differentiable top-n: a threshold solved for a target count, straight-through masks, hard top-n (METHODS.md s.5)."""
+"""Differentiable top-n: a threshold solved for a target count, straight-through masks, hard top-n (docs/methods.md s.5)."""
 
 from __future__ import annotations
 

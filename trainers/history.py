@@ -55,7 +55,7 @@ def load_reference_model(name_or_path: str, like: nn.Module, trust_remote_code: 
 
 
 class ParameterEma:
-    """theta_his <- alpha * theta_his + (1 - alpha) * theta over the trainable parameters only (METHODS.md s.1).
+    """theta_his <- alpha * theta_his + (1 - alpha) * theta over the trainable parameters only (docs/methods.md s.1).
 
     Under LoRA that is the adapter weights, so the EMA history costs a few MB. `swapped_in` lets the model itself
     run with the EMA weights (tensor swap, no copy), so no second model is kept.

@@ -34,7 +34,7 @@ FORMAT = "tokensieve-query-selector"
 
 @dataclass
 class QuerySelectorConfig(ConfigDefaults, SFTConfig):
-    """SFTConfig plus the selector's architecture, budget and loss options (defaults from METHODS.md s.5)."""
+    """SFTConfig plus the selector's architecture, budget and loss options (defaults from docs/methods.md s.5)."""
 
     query_separator: str = field(default=" ?", metadata={"help": "Rows without context/query columns: the query "
                                                                  "starts at the prompt's last occurrence of this."})

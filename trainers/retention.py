@@ -1,4 +1,4 @@
-"""TRIM-KV gate training: distillation from the same model with gates off, plus the capacity loss (METHODS.md s.4).
+"""TRIM-KV gate training: distillation from the same model with gates off, plus the capacity loss (docs/methods.md s.4).
 
     loss = 1/2 (CE + KL(p_teacher || q_student)) over response tokens  +  lambda * capacity_loss(log beta, M)
 
@@ -32,7 +32,7 @@ from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 @dataclass
 class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
-    """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (METHODS.md)."""
+    """SFTConfig plus the retention-gate options; defaults from the TRIM-KV training script (docs/methods.md)."""
 
     memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
     buffer_size: int = field(default=DEFAULT_BUFFER, metadata={"help": "Inference: tokens added between evictions (saved in the export)."})

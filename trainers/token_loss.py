@@ -2,7 +2,7 @@
 
     loss = sum_t w_t * CE_t / Z        (over the response tokens of the whole accumulated global batch)
 
-A scorer decides the weights w (METHODS.md sections 1-3):
+A scorer decides the weights w (docs/methods.md sections 1-3):
     sstoken  0/1: top rho of each sample by gamma * minmax(L_his - L_cur) + (1 - gamma) * attention-to-prompt
     rho1     0/1: top ratio of the batch by excess loss L_cur - L_ref
     random   0/1: a random selection at the same ratio (the control for any selection)
@@ -61,7 +61,7 @@ ATTENTION_ROWS = ("own", "predicting")
 
 @dataclass
 class TokenLossConfig(ConfigDefaults, CompletionLabels, SFTConfig):
-    """SFTConfig plus the token scorer and its options. Defaults follow METHODS.md."""
+    """SFTConfig plus the token scorer and its options. Defaults follow docs/methods.md."""
 
     token_scorer: str = field(default="sstoken", metadata={"help": f"How tokens are weighted: one of {SCORERS}."})
     select_ratio: float = field(
