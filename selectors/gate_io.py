@@ -8,15 +8,10 @@ Files are written under a temporary name and renamed, the JSON last, so a comple
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from tokensieve.errors import ModelError
-from tokensieve.files import replace_atomically
+from tokensieve.files import base_model_record, read_export_config, read_export_weights, write_export
 from tokensieve.selectors.attention import attach_gates, gates_of
 from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
 
@@ -38,9 +33,6 @@ def gate_state(model) -> dict:
 def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
     config = _base_model(model).config
     text = config.get_text_config(decoder=True)
-    base = getattr(config, "_name_or_path", "") or ""
-    if base and os.path.isdir(base):
-        base = os.path.abspath(base)  # a local base is found again from any working directory
     return {
         "format": FORMAT,
         "version": 1,
@@ -51,32 +43,18 @@ def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
         "gate": gates_of(model)[0].config,
         "memory_size": memory_size,
         "buffer_size": buffer_size,
-        "base_model_name_or_path": base,
-        "base_model_revision": getattr(config, "_commit_hash", None),
+        **base_model_record(config),
     }
 
 
 def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = DEFAULT_BUFFER) -> Path:
     """Write gates.safetensors and gates.json into `output_dir` (weights first, config last)."""
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    config = gates_config(model, memory_size, buffer_size)
-    replace_atomically(folder / GATES_FILE, lambda p: save_file(gate_state(model), str(p), metadata={"format": FORMAT}))
-    replace_atomically(folder / GATES_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return folder
+    return write_export(output_dir, GATES_FILE, gate_state(model), GATES_CONFIG,
+                        gates_config(model, memory_size, buffer_size))
 
 
 def read_gates_config(path) -> dict:
-    file = Path(path) / GATES_CONFIG
-    if not file.is_file():
-        raise ModelError(f"{path}: no {GATES_CONFIG} (not a retention-gate export, or an incomplete one)")
-    try:
-        config = json.loads(file.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelError(f"{file}: not valid JSON ({error})") from None
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
-    return config
+    return read_export_config(path, GATES_CONFIG, FORMAT, "retention-gate")
 
 
 def check_compatible(model, config: dict, where) -> None:
@@ -90,13 +68,8 @@ def check_compatible(model, config: dict, where) -> None:
 
 def load_gate_weights(model, path) -> None:
     """Load gates.safetensors from `path` into the gates already attached to `model` (strict)."""
+    state = read_export_weights(path, GATES_FILE, "gate")
     file = Path(path) / GATES_FILE
-    if not file.is_file():
-        raise ModelError(f"{path}: {GATES_FILE} is missing")
-    try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ModelError(f"{file}: cannot read the gate weights (truncated or corrupt file?): {error}") from None
     gates = gates_of(model)
     for i, gate in enumerate(gates):
         prefix = f"layers.{i}."

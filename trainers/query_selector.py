@@ -9,18 +9,16 @@ of the global batch) + the budget terms (learned budget only; per-micro-batch me
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import DataError, ModelError, check_values
+from tokensieve.files import base_model_record, read_export_config, read_export_weights, write_export
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
 from tokensieve.trainers.base import ConfigDefaults, TrainerBase
@@ -288,41 +286,23 @@ def attention_distill_loss(features, scores: torch.Tensor, context_mask: torch.T
 
 def save_selector(model, output_dir, args: QuerySelectorConfig) -> Path:
     """selector.safetensors + selector.json (the selector's config, feature layer, separator, base model)."""
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
     base = _base(model)
-    name = getattr(base.config, "_name_or_path", "") or ""
     config = {"format": FORMAT, "version": 1, "selector": base.query_selector.config,
               "feature_layer": args.feature_layer, "query_separator": args.query_separator,
               "fixed_keep_ratio": args.fixed_keep_ratio, "architecture": base.config.model_type,
-              "base_model_name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
-              "base_model_revision": getattr(base.config, "_commit_hash", None)}
+              **base_model_record(base.config)}
     state = {k: v.detach().cpu().contiguous() for k, v in base.query_selector.state_dict().items()}
-    from tokensieve.files import replace_atomically
-
-    replace_atomically(folder / SELECTOR_FILE, lambda p: save_file(state, str(p), metadata={"format": FORMAT}))
-    replace_atomically(folder / SELECTOR_CONFIG, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-    return folder
+    return write_export(output_dir, SELECTOR_FILE, state, SELECTOR_CONFIG, config)
 
 
 def read_selector_config(path) -> dict:
-    file = Path(path) / SELECTOR_CONFIG
-    if not file.is_file():
-        raise ModelError(f"{path}: no {SELECTOR_CONFIG} (not a query-selector export, or an incomplete one)")
-    config = json.loads(file.read_text())
-    if config.get("format") != FORMAT:
-        raise ModelError(f"{file}: format is {config.get('format')!r}, expected {FORMAT!r}")
-    return config
+    return read_export_config(path, SELECTOR_CONFIG, FORMAT, "query-selector")
 
 
 def load_selector_weights(selector: QuerySelector, path) -> None:
-    file = Path(path) / SELECTOR_FILE
-    if not file.is_file():
-        raise ModelError(f"{path}: {SELECTOR_FILE} is missing")
+    state = read_export_weights(path, SELECTOR_FILE, "selector")
     try:
-        state = load_file(str(file))
         selector.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ModelError(f"{file}: does not fit the selector in {SELECTOR_CONFIG}: {str(error)[:300]}") from None
-    except Exception as error:  # safetensors raises its own error type on truncated files
-        raise ModelError(f"{file}: cannot read the selector weights (truncated or corrupt?): {error}") from None
+        raise ModelError(f"{Path(path) / SELECTOR_FILE}: does not fit the selector in {SELECTOR_CONFIG}: "
+                         f"{str(error)[:300]}") from None
