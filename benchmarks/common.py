@@ -98,6 +98,15 @@ def training_step_cost(trainer, batch: dict, steps: int) -> dict:
     return {"seconds": statistics.median(times), "step_bytes": max(peak - before, 0)}
 
 
+def finish(out: Path, name: str, lines: list[str], figure=None) -> None:
+    """A benchmark's outputs: `name`.md (the table), `name`.png (the figure, if any) in `out`, the table on stdout."""
+    if figure is not None:
+        figure.tight_layout()
+        figure.savefig(out / f"{name}.png", dpi=100)
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def pyplot():
     import matplotlib
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from common import REPO, environment, environment_lines, training_step_cost
+from common import REPO, environment, environment_lines, finish, training_step_cost
 
 CONFIGS = REPO / "benchmarks/configs"
 REAL = {"train_length": 4096, "decode_contexts": [8192, 32768], "decode_batches": [1, 8], "decode_tokens": 32,
@@ -400,8 +400,7 @@ def main() -> None:
         free()
         (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")  # partial results survive a kill
     lines = report(results)
-    (out / "gpu_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "gpu_check", lines)
     failed = [name for name, section in results["sections"].items()
               if "error" in section or (name == "tests" and section.get("returncode") not in (0, None))]
     if failed:

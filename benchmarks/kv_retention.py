@@ -36,7 +36,8 @@ import torch
 
 from tokensieve.upstream import with_cache
 
-from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer, training_step_cost
+from common import (REPO, environment, environment_lines, finish, pyplot, run_recipe, step_timer,
+                    training_step_cost)
 
 TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
 MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
@@ -131,10 +132,7 @@ def write_accuracy_report(out: Path, results: dict) -> None:
         axis.set_ylabel("exact match")
         lines.append("")
     axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=100)
-    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "accuracy", lines, figure)
 
 
 @torch.no_grad()
@@ -222,7 +220,6 @@ def inference(args) -> None:
     lines += [f"| {m} | {v['context']} | {v['full_tokens_per_s']:.1f} | {v['retention_tokens_per_s']:.1f} | "
               f"{v['ratio']:.2f}x | {min(v['ratio_per_repeat']):.2f}-{max(v['ratio_per_repeat']):.2f}x | "
               f"{v['short_ratio']:.2f}x |" for m, v in speed.items()]
-    (out / "inference.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     figure, (axis, speed_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
     axis.plot([r["tokens"] for r in rows], [r["full_kv_bytes"] for r in rows], marker="o", label="full cache")
@@ -240,9 +237,7 @@ def inference(args) -> None:
     speed_axis.set_xlabel("context (tokens)")
     speed_axis.set_ylabel("decode tokens/s")
     speed_axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "inference.png", dpi=100)
-    print("\n".join(lines))
+    finish(out, "inference", lines, figure)
 
 
 def training(args) -> None:
@@ -278,8 +273,7 @@ def training(args) -> None:
         f"| retention gates (teacher + student forward, CE + KL + capacity) | {min(times['gates']):.4f} |",
         f"| retention gates, train_with_eviction (a second attention per layer) | {min(times['gates_evict']):.4f} |",
         "", f"Ratio gates / LoRA SFT: {ratio:.2f}; with eviction: {ratio_evict:.2f}"]
-    (out / "training.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "training", lines)
 
 
 LENGTH_ARMS = {  # name: (label, gate kernel or None for LoRA SFT, train_with_eviction)
@@ -394,10 +388,7 @@ def write_lengths_report(out: Path, results: dict) -> None:
     axis.set_xlabel("sequence length T")
     axis.set_ylabel("step memory (MiB)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "training_lengths.png", dpi=100)
-    (out / "training_lengths.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "training_lengths", lines, figure)
 
 
 def slots(args) -> None:
@@ -447,8 +438,7 @@ def slots(args) -> None:
                     lines.append(f"| L{layer} H{head} | {cells} | {alive[layer, head]:.2f} |")
             lines.append("")
     (out / "slots.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "slots.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "slots", lines)
 
 
 def main() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from common import REPO, environment, environment_lines, pyplot, run_recipe
+from common import REPO, environment, environment_lines, finish, pyplot, run_recipe
 
 TEST = REPO / "data/tasks/needle-qa/test.jsonl"
 BASELINES = ["promptdistill", "gemfilter", "qk-top", "first", "last", "random"]
@@ -136,10 +136,7 @@ def write_accuracy_report(out: Path, results: dict) -> None:
     axis.set_xlabel("kept share of the context")
     axis.set_ylabel("exact match")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(out / "accuracy.png", dpi=100)
-    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    finish(out, "accuracy", lines, figure)
 
 
 PREFILL_METHODS = ["full", "selector", "promptdistill", "gemfilter"]
@@ -181,7 +178,6 @@ def prefill(args) -> None:
         "| method | prefill (s) | / full | KV-cache bytes after prefill | / full |", "|---|---|---|---|---|"]
     lines += [f"| {m} | {best[m]:.4f} | {results['time_ratio'][m]:.2f} | {kv_bytes[m]:,} | "
               f"{results['kv_ratio'][m]:.2f} |" for m in PREFILL_METHODS]
-    (out / "prefill.md").write_text("\n".join(lines) + "\n")
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(8, 3))
     colours = ["#999999", "#4c72b0", "#dd8452", "#55a868"]
@@ -189,9 +185,7 @@ def prefill(args) -> None:
     axes[0].set_ylabel("prefill seconds")
     axes[1].bar(PREFILL_METHODS, [kv_bytes[m] / 2**20 for m in PREFILL_METHODS], color=colours)
     axes[1].set_ylabel("KV cache (MiB)")
-    figure.tight_layout()
-    figure.savefig(out / "prefill.png", dpi=100)
-    print("\n".join(lines))
+    finish(out, "prefill", lines, figure)
 
 
 def main() -> None:

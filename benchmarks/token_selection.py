@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, environment, environment_lines, pyplot, run_recipe, step_timer
+from common import REPO, environment, environment_lines, finish, pyplot, run_recipe, step_timer
 
 TRAIN = REPO / "data/tasks/noisy-sft/train.jsonl"  # the overhead's data (the cost does not depend on the noise)
 SSTOKEN = "recipes/tiny/sstoken.yaml"
@@ -197,7 +197,6 @@ def write_quality_report(out: Path, results: dict) -> None:
             values = [r["truth"][key] for r in runs if key in r["truth"]]
             cells.append(f"{statistics.mean(values):.2f}" if values else "—")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    (out / "quality.md").write_text("\n".join(lines) + "\n")
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     left.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
     left.set_ylabel("clean-test exact match")
@@ -211,9 +210,7 @@ def write_quality_report(out: Path, results: dict) -> None:
     right.set_xticks(range(len(names)), names, rotation=45)
     right.set_ylabel("share of tokens kept (weight > 0)")
     right.legend()
-    figure.tight_layout()
-    figure.savefig(out / "quality.png", dpi=100)
-    print("\n".join(lines))
+    finish(out, "quality", lines, figure)
 
 
 # --- overhead ---------------------------------------------------------------------------------------------------------
@@ -293,16 +290,13 @@ def overhead(args) -> None:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['median_step_s']:.4f} | {r['time_ratio']:.2f}x | {r['peak_rss_mib']:.0f} "
                      f"| {r['memory_ratio']:.2f}x |")
-    (out / "overhead.md").write_text("\n".join(lines) + "\n")
     (out / "overhead.json").write_text(json.dumps({"environment": env, "rows": rows, "samples": samples}, indent=2))
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.5))
     axis.bar([r["variant"] for r in rows], [r["time_ratio"] for r in rows], color="#dd8452")
     axis.axhline(1.0, color="black", linewidth=0.8)
     axis.set_ylabel("step time / plain SFT")
-    figure.tight_layout()
-    figure.savefig(out / "overhead.png", dpi=100)
-    print("\n".join(lines))
+    finish(out, "overhead", lines, figure)
 
 
 def main() -> None:
