@@ -613,6 +613,9 @@ def test_retention_map_labels_tokens_and_counts_slots(tiny_tokenizer, tmp_path):
     needle = needle_qa.generate("test", 1, 0, needle_qa.OPTIONS())[0]
     ids, kinds, names, asked = recall_token_kinds(needle, tiny_tokenizer)
     assert tiny_tokenizer.decode(ids[asked]).strip() == needle["answer"] and "needle" in kinds
+    words = needle["prompt"].split(" ")
+    values = {words[i] for i in range(2, words.index("?"), 4)}  # every fact's value (values repeat)
+    assert set("".join(tiny_tokenizer.decode(ids[i]) for i, k in enumerate(kinds) if k == "value").split()) <= values
 
 
 def test_trainer_logs_the_retention_map_to_wandb(tiny_tokenizer, tmp_path, monkeypatch):

@@ -2,8 +2,8 @@
 time, per layer and kv head, and a retention map (tokens x layers/heads, kept or evicted, coloured by beta).
 
     kinds      every prompt token of an mqar or needle-qa row labelled from the row's own fields (`pair_positions`,
-               `needle_position`): mqar key / value / filler / question, needle-qa needle / fact / question, and bos
-               for special tokens;
+               `needle_position`): mqar key / value / filler / question; needle-qa needle (the asked fact) and the
+               other facts' name / value / other (relation, period), question; bos for special tokens;
     snapshot   the prompt prefilled in chunks of the buffer into a RetentionCache of (M, buffer), as at inference;
                which tokens each (layer, kv head) still holds when the answer is generated, and every token's beta;
     shares     per (layer, kv head), the share of the held slots taken by each kind, and whether the asked pair (mqar:
@@ -24,7 +24,7 @@ from tokensieve.selectors.kv_cache import RetentionCache
 from tokensieve.upstream import with_cache
 
 MQAR_KINDS = ("bos", "key", "value", "filler", "question")
-NEEDLE_KINDS = ("bos", "needle", "fact", "question")
+NEEDLE_KINDS = ("bos", "needle", "name", "value", "other", "question")  # other: relations and periods
 
 
 def _word_of_token(prompt: str, offsets: list[tuple[int, int]]) -> list[int]:
@@ -64,8 +64,12 @@ def recall_token_kinds(row: dict, tokenizer) -> tuple[torch.Tensor, list[str], l
         needle = row["needle_position"]
         asked_words = {needle + 2}  # relation, name, value, "."
 
+        roles = {1: "name", 2: "value"}  # a fact is "relation name value ."
+
         def kind(w):
-            return "question" if w >= question else "needle" if needle <= w < needle + 4 else "fact"
+            if w >= question:
+                return "question"
+            return "needle" if needle <= w < needle + 4 else roles.get(w % 4, "other")
     else:
         raise ValueError("a retention map needs an mqar row (pair_positions) or a needle-qa row (needle_position)")
     kinds = ["bos" if w < 0 else kind(w) for w in word_of]
@@ -117,7 +121,7 @@ def slot_shares(snapshot: Snapshot, kinds: list[str], names: list[str], asked: l
 
 
 KIND_COLOURS = {"bos": "#000000", "key": "#d62728", "value": "#2ca02c", "filler": "#c7c7c7", "question": "#1f77b4",
-                "needle": "#2ca02c", "fact": "#c7c7c7"}
+                "needle": "#9467bd", "name": "#ff7f0e", "other": "#c7c7c7"}
 
 
 def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: str = "") -> Path:
