@@ -52,8 +52,8 @@ class RetentionState:
     cache_layer    the RetentionLayer of a cached forward (None otherwise)
     log_beta       the gate's output of an uncached forward, with its graph (None otherwise)
 
-    Stored in the module's __dict__ under STATE: a plain object, so the per-token writes at decode skip
-    nn.Module.__setattr__'s checks of parameters, buffers and submodules.
+    An ordinary attribute of the attention module (`module.retention_state`); the per-token writes at decode go to
+    this plain object, so they skip nn.Module.__setattr__'s checks of parameters, buffers and submodules.
     """
 
     __slots__ = ("fallback", "enabled", "hook", "train_memory", "kernel", "chunk", "cache_layer", "log_beta")
@@ -64,12 +64,12 @@ class RetentionState:
         self.cache_layer = self.log_beta = None
 
 
-STATE = "_retention_state"
+STATE = "retention_state"  # the attention module's attribute
 
 
 def retention_state(module: nn.Module) -> RetentionState | None:
     """The RetentionState of an attention module (None if it has no gate)."""
-    return module.__dict__.get(STATE)
+    return getattr(module, STATE, None)
 
 
 def _fallback(module: nn.Module, query, key, value, attention_mask, **kwargs):
@@ -311,7 +311,7 @@ def retention_attention(module, query, key, value, attention_mask, scaling=None,
 def _gate_hook(module, args, kwargs):
     """Before each attention call: run the gate on the attention input and tell the cache or the bias about it."""
     # Runs once per layer and decoded token: a plain object's attributes, no nn.Module bookkeeping.
-    state = module.__dict__[STATE]
+    state = module.retention_state
     cache = cache_in(kwargs)  # `cache=` from transformers 5.24, `past_key_values=` before
     state.cache_layer = state.log_beta = None
     if cache is not None and not isinstance(cache, RetentionCache):
@@ -348,7 +348,7 @@ def attach_gates(model: nn.Module, intermediate_size: int = 512, bias_init: floa
         gate = RetentionGate(config.hidden_size, config.num_key_value_heads, intermediate_size, bias_init,
                              act or config.hidden_act).to(device=parameter.device, dtype=torch.float32)
         attention.retention_gate = gate
-        state = attention.__dict__[STATE] = RetentionState(original)
+        state = attention.retention_state = RetentionState(original)
         state.hook = attention.register_forward_pre_hook(_gate_hook, with_kwargs=True)
         gates.append(gate)
     model.set_attn_implementation(ATTENTION_NAME)
@@ -361,7 +361,8 @@ def detach_gates(model: nn.Module) -> None:
     for attention in attention_modules(model):
         if not hasattr(attention, "retention_gate"):
             continue
-        state = attention.__dict__.pop(STATE)
+        state = attention.retention_state
+        del attention.retention_state
         state.hook.remove()
         original = state.fallback
         del attention.retention_gate

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tokensieve.errors import ModelError
 from tokensieve.launch.export import GATES_FILE, load_gates, load_retention_model, save_gates
 from tokensieve.launch.model import FromScratchArguments, build_config
-from tokensieve.selectors.attention import (STATE, TRAINING_KERNELS, RetentionState, _biased_attention, attach_gates,
+from tokensieve.selectors.attention import (TRAINING_KERNELS, RetentionState, _biased_attention, attach_gates,
                                             attention_modules, chunked_gated_attention, collected_log_beta,
                                             dense_gated_attention, detach_gates, evicted_bias, flex_gated_attention,
                                             gates_disabled, gates_of, retention_state, set_training_kernel,
@@ -58,7 +58,7 @@ def test_biased_attention_keeps_the_bias_in_fp32_under_bf16(memory, kernel):
     log_beta = (-torch.rand(2, 2, 64) * 0.3).requires_grad_()  # the gate's output, fp32
     upstream = torch.randn(2, 64, 4, 8).bfloat16().float()  # representable in bf16: the same in both paths
     module = torch.nn.Module()
-    state = module.__dict__[STATE] = RetentionState()
+    state = module.retention_state = RetentionState()
     state.train_memory, state.kernel, state.chunk = memory, kernel, 16
 
     def run(q, k, v, dtype):
@@ -82,8 +82,8 @@ def test_training_with_eviction_attends_to_the_kept_keys_with_soft_gradients():
 
     def run(memory):
         module = torch.nn.Module()
-        module.__dict__[STATE] = RetentionState()
-        module.__dict__[STATE].train_memory = memory
+        module.retention_state = RetentionState()
+        module.retention_state.train_memory = memory
         output = _biased_attention(module, query, key, value, None, log_beta, 8**-0.5, 0.0)[0]
         gradient, = torch.autograd.grad((output * upstream).sum(), log_beta)
         return output.detach(), gradient
