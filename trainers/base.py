@@ -5,6 +5,9 @@
 - `CompletionLabels`: the `eos_loss` option of the configs whose trainers build prompt/completion labels through TRL
   (TRL appends an end-of-sequence token to every completion and makes it a label; `eos_loss: false` leaves that one
   label out of the loss).
+- `SmallModuleTrainer`: what the gate and the selector trainers share: a small module trains on a frozen model
+  (optionally with LoRA adapters), its metrics are averaged over ranks, and its export and checkpoints hold the
+  module's own files (plus the adapter), never the frozen weights.
 - `TrainerBase`: checks, when the trainer is built, that the private Trainer methods it overrides still exist
   upstream (`tokensieve.upstream.check_private_overrides`), and runs the loss computation with TRL's fused LM head
   projecting only labelled positions on CPU too (`fused_head_labelled_positions_only`: scoped to the loss, nothing
@@ -74,3 +77,47 @@ class TrainerBase:
     def compute_loss(self, *args, **kwargs):
         with fused_head_labelled_positions_only():
             return super().compute_loss(*args, **kwargs)
+
+
+class SmallModuleTrainer:
+    """Mixin (before TrainerBase among the bases) for a trainer whose trainable part is a small module on a frozen
+    model. Subclasses set `module_marker` (a substring of its parameter names) and `module_file` (its weights file
+    in an export), and implement `save_module(unwrapped, folder)` and `load_module(unwrapped, folder)`."""
+
+    module_marker: str
+    module_file: str
+
+    def freeze_all_but_module(self, model, train_lora: bool) -> None:
+        """Only the module trains (and the LoRA adapters, when `train_lora`)."""
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(self.module_marker in name or (train_lora and "lora_" in name))
+
+    def log_means(self, mode: str, stats: dict) -> None:
+        """Each statistic averaged over the ranks, into the trainer's logged metrics."""
+        import torch
+
+        for name, value in stats.items():
+            gathered = self.accelerator.gather_for_metrics(torch.as_tensor(value, device=self.args.device).float()[None])
+            self._metrics[mode][name].append(gathered.mean().item())
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """The module's files (and the LoRA adapter, if any, and the tokenizer) into `output_dir`; the frozen base
+        weights are not copied: the module's config names the base model they belong to."""
+        output_dir = output_dir or self.args.output_dir
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if self.args.should_save:
+            self.save_module(unwrapped, output_dir)
+        if hasattr(unwrapped, "peft_config"):
+            super().save_model(output_dir, _internal_call)  # the adapter (and tokenizer)
+        elif self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        import os
+
+        unwrapped = self.accelerator.unwrap_model(model or self.model)
+        saved = os.path.exists(os.path.join(resume_from_checkpoint, self.module_file))
+        if hasattr(unwrapped, "peft_config") or not saved:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if saved:
+            self.load_module(unwrapped, resume_from_checkpoint)

@@ -21,7 +21,7 @@ from tokensieve.errors import DataError, ModelError, check_values
 from tokensieve.files import base_model_record, read_export_config, read_export_weights, write_export
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.selectors.query_selector import QuerySelector, promptdistill_scores
-from tokensieve.trainers.base import ConfigDefaults, TrainerBase
+from tokensieve.trainers.base import ConfigDefaults, SmallModuleTrainer, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.selector_lm import _base, check_selector_lengths, lm_features, reduced_inputs, split_prompt
 
@@ -168,18 +168,18 @@ def key_keep_vector(keep: torch.Tensor, context_mask: torch.Tensor, attention_ma
     return out
 
 
-class QuerySelectorTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
+class QuerySelectorTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFTTrainer):
     """Trains a QuerySelector in front of a frozen LM (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "query-selector"]
     loss_is_scaled_for_ga = True
+    module_marker, module_file = "query_selector", SELECTOR_FILE
 
     def __init__(self, model, args: QuerySelectorConfig, *rest, **kwargs):
         base = _base(model)
         if not hasattr(base, "query_selector"):
             attach_selector(model, QuerySelector(**args.selector_kwargs(base.config.get_text_config().hidden_size)))
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_("query_selector" in name or (args.train_lora and "lora_" in name))
+        self.freeze_all_but_module(model, args.train_lora)
         if args.training_selection == "mask":
             model.set_attn_implementation(KEEP_ATTENTION)  # sdpa unless a forward passes `key_keep`
         super().__init__(model, args, *rest, **kwargs)
@@ -251,25 +251,13 @@ class QuerySelectorTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             "rho_mean": selection.rho.detach().mean(),
             **{k: v.detach() for k, v in terms.items()},
         }
-        for name, value in stats.items():
-            gathered = self.accelerator.gather_for_metrics(torch.as_tensor(value, device=self.args.device).float()[None])
-            self._metrics[mode][name].append(gathered.mean().item())
+        self.log_means(mode, stats)
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        output_dir = output_dir or self.args.output_dir
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.args.should_save:
-            save_selector(unwrapped, output_dir, self.args)
-        if hasattr(unwrapped, "peft_config"):
-            super().save_model(output_dir, _internal_call)
-        elif self.args.should_save and self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+    def save_module(self, unwrapped, folder) -> None:
+        save_selector(unwrapped, folder, self.args)
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        unwrapped = self.accelerator.unwrap_model(model or self.model)
-        if hasattr(unwrapped, "peft_config"):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_selector_weights(_base(unwrapped).query_selector, resume_from_checkpoint)
+    def load_module(self, unwrapped, folder) -> None:
+        load_selector_weights(_base(unwrapped).query_selector, folder)
 
 
 # --- export ------------------------------------------------------------------------------------------------------

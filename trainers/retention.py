@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 
-from tokensieve.errors import check_values
+from tokensieve.errors import ModelError, check_values
 from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, attention_modules, collected_log_beta,
                                             gates_disabled, set_training_kernel, train_with_eviction)
+from tokensieve.selectors.gate_io import (GATES_FILE, check_compatible, load_gate_weights, load_gates,
+                                          read_gates_config, save_gates)
 from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
 from tokensieve.selectors.retention import capacity_terms
-from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
+from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, SmallModuleTrainer, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
 
 
@@ -101,17 +103,15 @@ EOS_PROBABILITY_FLOOR = 0.05  # below it, the teacher cannot produce the end-of-
 logger = logging.get_logger(__name__)
 
 
-class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
+class RetentionTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFTTrainer):
     """Trains TRIM-KV retention gates on a frozen model (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "trim-kv"]
     loss_is_scaled_for_ga = True
+    module_marker, module_file = "retention_gate", GATES_FILE
 
     def __init__(self, model, args: RetentionConfig, *rest, **kwargs):
         if args.init_gates is not None:
-            from tokensieve.errors import ModelError
-            from tokensieve.selectors.gate_io import check_compatible, load_gate_weights, load_gates, read_gates_config
-
             try:
                 if hasattr(attention_modules(model)[0], "retention_gate"):
                     check_compatible(model, read_gates_config(args.init_gates), args.init_gates)
@@ -124,8 +124,7 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             attach_gates(model, args.gate_intermediate_size, args.gate_bias_init)
         train_with_eviction(model, args.memory_size if args.train_with_eviction else None)
         set_training_kernel(model, args.training_attention, args.training_attention_chunk)
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad_("retention_gate" in name or (args.train_lora and "lora_" in name))
+        self.freeze_all_but_module(model, args.train_lora)
         super().__init__(model, args, *rest, **kwargs)
         self._eos_checked = False
         if args.retention_map_steps:
@@ -225,34 +224,12 @@ class RetentionTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         per_layer = per_layer.sum(dim=(0, 2, 3)) / valid.view_as(per_layer).sum(dim=(0, 2, 3)).clamp(min=1)
         for index, value in enumerate(per_layer):
             stats[f"beta_mean_layer{index}"] = value
-        for name, value in stats.items():
-            gathered = self.accelerator.gather_for_metrics(torch.as_tensor(value, device=self.args.device).float()[None])
-            self._metrics[mode][name].append(gathered.mean().item())
+        self.log_means(mode, stats)
 
     # --- export ----------------------------------------------------------------------------------------------------
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Write gates.safetensors + gates.json (and the LoRA adapter, if any, and the tokenizer) to `output_dir`.
+    def save_module(self, unwrapped, folder) -> None:
+        save_gates(unwrapped, folder, memory_size=self.args.memory_size, buffer_size=self.args.buffer_size)
 
-        The frozen base weights are not copied: gates.json names the base model they belong to.
-        """
-        from tokensieve.selectors.gate_io import save_gates
-
-        output_dir = output_dir or self.args.output_dir
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        if self.args.should_save:
-            save_gates(unwrapped, output_dir, memory_size=self.args.memory_size, buffer_size=self.args.buffer_size)
-        if hasattr(unwrapped, "peft_config"):
-            super().save_model(output_dir, _internal_call)  # the adapter (and tokenizer)
-        elif self.args.should_save and self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        gates = os.path.join(resume_from_checkpoint, "gates.safetensors")
-        unwrapped = self.accelerator.unwrap_model(model or self.model)
-        if hasattr(unwrapped, "peft_config") or not os.path.exists(gates):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if os.path.exists(gates):
-            from tokensieve.selectors.gate_io import load_gate_weights
-
-            load_gate_weights(unwrapped, resume_from_checkpoint)
+    def load_module(self, unwrapped, folder) -> None:
+        load_gate_weights(unwrapped, folder)
