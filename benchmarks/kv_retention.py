@@ -39,7 +39,10 @@ from tokensieve.upstream import with_cache
 from common import (REPO, environment, environment_lines, finish, pyplot, run_recipe, step_timer,
                     training_step_cost)
 
-TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl"}
+TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl",
+         # mqar at twice the training context (256 words, 8 pairs), made by the project's generator, seed 7: the
+         # rows of `tokensieve data make mqar --seed 7 --context_words 256 --num_pairs 8`
+         "mqar-256": ("mqar", 500, 7, {"context_words": 256, "num_pairs": 8})}
 MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
 POLICIES = ["gates", "streaming", "h2o", "snapkv", "knorm", "random"]
 SOFT_ROW = "gates, soft stage only"
@@ -61,8 +64,16 @@ def train_gates(base: str, out: Path, steps: int | None) -> tuple[Path, Path]:
     return soft, evict
 
 
-def read_rows(path: Path, n: int | None) -> list[dict]:
-    rows = [json.loads(line) for line in path.open()]
+def read_rows(source, n: int | None) -> list[dict]:
+    """Test rows from a JSONL file, or made by a synthetic task's generator: (task, rows, seed, options)."""
+    if isinstance(source, tuple):
+        from tokensieve.data.synthetic import TASKS as GENERATORS
+        from tokensieve.data.synthetic import build_options, split_seed
+
+        task, count, seed, options = source  # as `tokensieve data make TASK --seed SEED --OPTION VALUE` writes them
+        rows = GENERATORS[task].generate("test", count, split_seed(seed, "test"), build_options(task, options))
+    else:
+        rows = [json.loads(line) for line in Path(source).open()]
     return rows[:n] if n else rows
 
 
@@ -84,7 +95,7 @@ def accuracy(args) -> None:
         arms.insert(1, (SOFT_ROW, load_retention_model(soft)[0], "gates"))
     results = {"environment": environment(), "gates": str(gates), "soft_gates": soft and str(soft), "base": args.base,
                "budgets": args.budgets, "tasks": {}}
-    for task, path in TASKS.items():
+    for task, path in ((task, TASKS[task]) for task in args.tasks):
         rows = read_rows(path, args.test_examples)
         prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
         context = sum(len(tokenizer(p)["input_ids"]) for p in prompts) / len(prompts)
@@ -447,6 +458,7 @@ def main() -> None:
     a = commands.add_parser("accuracy")
     a.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     a.add_argument("--test-examples", type=int, default=None)
+    a.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     i = commands.add_parser("inference")
     i.add_argument("--memory-size", type=int, default=32)
     i.add_argument("--decode-tokens", type=int, default=128)
