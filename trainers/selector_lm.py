@@ -21,7 +21,7 @@ from transformers import DynamicCache
 
 from tokensieve.errors import DataError
 from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
-from tokensieve.upstream import attn_implementation, with_cache
+from tokensieve.upstream import attn_implementation, run_decoder_layers
 
 
 class _Stop(Exception):
@@ -142,15 +142,8 @@ def _additive_mask(valid: torch.Tensor, queries: int, dtype: torch.dtype) -> tor
 def _run_layers(model, layers: range, hidden, positions, valid, cache) -> torch.Tensor:
     """Decoder layers `layers` over `hidden` [B, T, D], appending to `cache`; `valid` [B, K] marks the real keys of
     those layers' cache after this call (K = cached + T)."""
-    decoder = _base(model).get_decoder()
     mask = _additive_mask(valid, hidden.shape[1], hidden.dtype)
-    rotary = decoder.rotary_emb(hidden, position_ids=positions)
-    for index in layers:
-        layer = decoder.layers[index]
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary, use_cache=True,
-                       **with_cache(layer, cache))
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    return hidden
+    return run_decoder_layers(_base(model).get_decoder(), layers, hidden, mask, positions, cache)
 
 
 def _next_token_logits(model, hidden: torch.Tensor) -> torch.Tensor:

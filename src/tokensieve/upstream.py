@@ -7,6 +7,10 @@ below, so such a change shows up in one place, and `tests/test_upstream.py` fail
 What is reached for, and why there is no public API for it:
 - the KV-cache keyword of a model's forward / `generate` and of its attention modules (`cache_argument`,
   `cache_in`): renamed in transformers 5.24, both names accepted here;
+- a decoder's layers called one by one (`run_decoder_layers`, for PromptDistill's two-stage prefill, where the later
+  layers see fewer tokens than the earlier ones): the layers' forward keywords (`attention_mask`, `position_ids`,
+  `position_embeddings`, the cache keyword, `use_cache`) and the decoder's `rotary_emb`, as the model's own forward
+  passes them;
 - `config._attn_implementation` (`attn_implementation`): transformers has a public setter
   (`set_attn_implementation`) but no public getter;
 - a function of a model's own modelling file, e.g. `eager_attention_forward` and `apply_rotary_pos_emb`
@@ -74,6 +78,22 @@ def cache_argument(model) -> str:
 def with_cache(model, cache) -> dict:
     """`{keyword: cache}` for `model(**inputs, **with_cache(model, cache))` and `model.generate(...)`."""
     return {cache_argument(model): cache}
+
+
+def run_decoder_layers(decoder, indices, hidden, attention_mask, position_ids, cache):
+    """Run `decoder.layers[i]` for i in `indices` as the decoder's own forward does (rotary embeddings from its
+    `rotary_emb`, the 4D `attention_mask` as given, the KV cache under the layer's keyword); returns the hidden
+    states. Older releases returned a tuple from each layer; both are handled."""
+    if not hasattr(decoder, "rotary_emb"):
+        raise UpstreamChange(f"{type(decoder).__name__} has no rotary_emb ({_versions()}): the decoder no longer "
+                             f"computes the rotary embeddings once for all layers")
+    rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
+    for index in indices:
+        layer = decoder.layers[index]
+        hidden = layer(hidden, attention_mask=attention_mask, position_ids=position_ids, position_embeddings=rotary,
+                       use_cache=True, **with_cache(layer, cache))
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
 
 
 # --- attention implementation ---------------------------------------------------------------------------------------
