@@ -174,7 +174,7 @@ def chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling
 def _flex_kernel(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    return torch.compile(flex_attention) if compiled else flex_attention  # sequence lengths vary: dynamic after a recompile
 
 
 def flex_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, memory: int | None = None,
