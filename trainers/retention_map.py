@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from tokensieve.files import replace_atomically
 from tokensieve.selectors.attention import attention_modules, collected_log_beta, gates_of
 from tokensieve.selectors.kv_cache import RetentionCache
 from tokensieve.upstream import with_cache
@@ -151,13 +152,10 @@ def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: 
     handles = [matplotlib.patches.Patch(color=KIND_COLOURS[k], label=k) for k in dict.fromkeys(kinds)]
     figure.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
     figure.colorbar(plt.cm.ScalarMappable(cmap="viridis"), ax=axis, label="beta", fraction=0.03)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial, dpi=100)
-    plt.close(figure)
-    partial.replace(path)
-    return path
+    try:
+        return replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(figure)
 
 
 class RetentionMapCallback(TrainerCallback):

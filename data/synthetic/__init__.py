@@ -10,13 +10,13 @@ import dataclasses
 import hashlib
 import importlib
 import json
-import os
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
 
 from tokensieve.errors import TokensieveError
+from tokensieve.files import replace_atomically
 
 # Task name -> module. Fixed constants of our code (never user strings), imported on first use so that one
 # task's import cost or error does not touch the others.
@@ -116,7 +116,7 @@ def split_sizes(task: str, n: int | None = None) -> dict[str, int]:
 def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, **options) -> dict[str, Path]:
     """Generate `task` and write `<out_dir>/<split>.jsonl` for each split plus `<out_dir>/meta.json`.
 
-    Each file is written to `<name>.tmp` and renamed into place, so a reader never sees half a file. Returns the
+    Each file is written under a temporary name and renamed into place, so a reader never sees half a file. Returns the
     written paths keyed by split name, plus "meta".
     """
     module = TASKS[task]
@@ -146,7 +146,4 @@ def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, **options
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
