@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokensieve.errors import TokensieveError
@@ -47,25 +48,70 @@ LORA = ["--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0
         "all-linear"]
 TOKEN_BATCH = 32  # per_device_train_batch_size of the recipes/tiny token-selection recipes
 TOKEN_STEPS = 200
-# name -> (recipe, default max_steps, what it is, extra overrides); the {placeholders} are filled in by _stage_training.
-TRAINING = {
-    "reference": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "SFT on clean noisy-sft (the reference)",
-                  ["--token_scorer", "none", "--data.datasets.0.path", "{clean}"]),
-    "sft": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "plain SFT", ["--token_scorer", "none"]),
-    "rho1": ("recipes/tiny/rho1.yaml", TOKEN_STEPS, "Rho-1, top 60% by excess loss",
-             ["--reference_model", "{reference}"]),
-    "prior": ("recipes/tiny/prior.yaml", TOKEN_STEPS, "PRIOR-style weights", ["--reference_model", "{reference}"]),
-    "sstoken": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "ssToken, top 60% per response", []),
-    "curate": ("recipes/tiny/sstoken.yaml", TOKEN_STEPS, "curated token_mask (excess loss), then SFT on it",
-               ["--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
-                "{curated}", "--data.eval_datasets", "[]"]),  # the test split has no token_mask column
-    "trim_kv": ("recipes/tiny/trim_kv.yaml", 300, "TRIM-KV retention gates", []),
-    "trim_kv_evict": ("recipes/tiny/trim_kv_evict.yaml", 100, "the gates fine-tuned with eviction",
-                      ["--init_gates", "{trim_kv}"]),
-    "query_selector": ("recipes/tiny/query_selector_lora.yaml", 300, "query selector + LoRA, 10% of the context",
-                       ["--keep_ratio_anneal_steps", "{anneal}"]),
-}
-STAGES = ("data", "base", *TRAINING, "reload")
+RECALL = ("mqar", "needle-qa")
+
+
+@dataclass(frozen=True)
+class Eval:
+    """One row of the results table: an export reloaded by `tokensieve eval` on test splits."""
+
+    row: str
+    title: str
+    tasks: tuple[str, ...]
+    args: tuple[str, ...] = ()
+    export: str | None = None  # another stage's export (default: the stage's own)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One quickstart stage. `kind`: data, base, train (a recipe + overrides; {placeholders} filled in when the
+    stage runs) or reload. `exports`: what a train stage writes (model: a full or LoRA model, by --lora; gates;
+    selector). `evals`: its rows in the results table, in table order."""
+
+    name: str
+    title: str
+    kind: str = "train"
+    recipe: str | None = None
+    steps: int = 0
+    extra: tuple[str, ...] = ()
+    exports: str = "model"
+    evals: tuple[Eval, ...] = ()
+
+
+def _token_stage(name: str, recipe: str, title: str, extra: tuple[str, ...] = ()) -> Stage:
+    return Stage(name, title, recipe=recipe, steps=TOKEN_STEPS, extra=extra, evals=(Eval(name, title, ("noisy-sft",)),))
+
+
+STAGES = (
+    Stage("data", "synthetic tasks", kind="data"),
+    Stage("base", "tiny recall base", kind="base", evals=(Eval("base", "tiny recall base, full KV cache", RECALL),)),
+    _token_stage("reference", "recipes/tiny/sstoken.yaml", "SFT on clean noisy-sft (the reference)",
+                 ("--token_scorer", "none", "--data.datasets.0.path", "{clean}")),
+    _token_stage("sft", "recipes/tiny/sstoken.yaml", "plain SFT", ("--token_scorer", "none")),
+    _token_stage("rho1", "recipes/tiny/rho1.yaml", "Rho-1, top 60% by excess loss",
+                 ("--reference_model", "{reference}")),
+    _token_stage("prior", "recipes/tiny/prior.yaml", "PRIOR-style weights", ("--reference_model", "{reference}")),
+    _token_stage("sstoken", "recipes/tiny/sstoken.yaml", "ssToken, top 60% per response"),
+    _token_stage("curate", "recipes/tiny/sstoken.yaml", "curated token_mask (excess loss), then SFT on it",
+                 ("--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
+                  "{curated}", "--data.eval_datasets", "[]")),  # the test split has no token_mask column
+    Stage("trim_kv", "TRIM-KV retention gates", recipe="recipes/tiny/trim_kv.yaml", steps=300, exports="gates",
+          evals=(Eval("trim_kv", "TRIM-KV gates, bounded KV cache", RECALL),)),
+    Stage("trim_kv_evict", "the gates fine-tuned with eviction", recipe="recipes/tiny/trim_kv_evict.yaml", steps=100,
+          extra=("--init_gates", "{trim_kv}"), exports="gates",
+          evals=(Eval("trim_kv_evict", "the gates fine-tuned with eviction, same cache", RECALL),
+                 Eval("trim_kv streaming", "StreamingLLM, same export and budget", RECALL, ("--policy", "streaming"),
+                      export="trim_kv"))),
+    Stage("query_selector", "query selector + LoRA, 10% of the context",
+          recipe="recipes/tiny/query_selector_lora.yaml", steps=300, extra=("--keep_ratio_anneal_steps", "{anneal}"), exports="selector",
+          evals=(Eval("query_selector", "query selector + LoRA, 10% of the context", ("needle-qa",), ("--selector",)),)),
+    Stage("reload", "every export in a fresh process", kind="reload"),
+)
+STAGE = {stage.name: stage for stage in STAGES}
+TRAINING = [stage.name for stage in STAGES if stage.kind == "train"]
+EXPORT_FILES = {"gates": ("gates.json", "gates.safetensors"), "selector": ("selector.json", "selector.safetensors"),
+                "model": ("config.json", "model.safetensors"), "lora": ("adapter_config.json",
+                                                                        "adapter_model.safetensors")}
 
 
 def script_commands(path: Path) -> list[list[str]]:
@@ -137,12 +183,11 @@ class Quickstart:
 
     def run(self) -> dict:
         reusing = self.resume
-        for number, name in enumerate(STAGES, 1):
+        for number, stage in enumerate(STAGES, 1):
+            name, title = stage.name, stage.title
             folder = self.out / name
             marker = folder / "stage.json"
             reusing = reusing and marker.is_file()  # only a leading run of finished stages is reused
-            title = TRAINING[name][2] if name in TRAINING else {"data": "synthetic tasks", "base": "tiny recall base",
-                                                                "reload": "every export in a fresh process"}[name]
             elapsed = time.time() - self.started
             print(f"\n=== [quickstart {number}/{len(STAGES)}] {name}: {title} (elapsed {elapsed // 60:.0f}:"
                   f"{elapsed % 60:02.0f}) ===", flush=True)
@@ -159,7 +204,7 @@ class Quickstart:
             folder.mkdir(parents=True, exist_ok=True)
             start = time.time()
             try:
-                record = self._run_stage(name, folder)
+                record = self._run_stage(stage, folder)
             except KeyboardInterrupt:
                 raise
             except Exception as error:
@@ -177,14 +222,10 @@ class Quickstart:
             print(f"[quickstart] {name} done in {record['seconds']:.0f} s", flush=True)
         return self.stages
 
-    def _run_stage(self, name: str, folder: Path) -> dict:
-        if name == "data":
-            return self._stage_data(folder)
-        if name == "base":
-            return self._stage_base(folder)
-        if name == "reload":
-            return self._stage_reload(folder)
-        return self._stage_training(name, folder)
+    def _run_stage(self, stage: Stage, folder: Path) -> dict:
+        if stage.kind == "train":
+            return self._stage_training(stage, folder)
+        return {"data": self._stage_data, "base": self._stage_base, "reload": self._stage_reload}[stage.kind](folder)
 
     def _restore(self, name: str) -> None:
         if name == "data":
@@ -226,10 +267,10 @@ class Quickstart:
         self._check_export(folder, ("config.json", "model.safetensors", "tokenizer.json"))
         return {"export": str(folder), "recipe": str(recipe.relative_to(REPO_ROOT)), "overrides": overrides}
 
-    def _stage_training(self, name: str, folder: Path) -> dict:
-        recipe_name, default_steps, _, extra = TRAINING[name]
+    def _stage_training(self, stage: Stage, folder: Path) -> dict:
+        name, recipe_name, extra = stage.name, stage.recipe, stage.extra
         recipe = REPO_ROOT / recipe_name
-        steps = self._steps(default_steps)
+        steps = self._steps(stage.steps)
         fill = {"reference": str(self.out / "reference"), "clean": str(self.clean_train),
                 "curated": str(self.out / "curate" / "curated.parquet"), "anneal": str(max(steps * 2 // 3, 1)),
                 "trim_kv": str(self.out / "trim_kv")}
@@ -237,15 +278,11 @@ class Quickstart:
             "--training.output_dir", str(folder), "--max_steps", str(steps), "--logging_steps", str(max(steps // 5, 1)),
             "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[wandb]",
             "--run_name", f"quickstart-{name}", "--model.name_or_path", self.base]
-        if name in ("trim_kv", "trim_kv_evict", "query_selector"):
-            files = ("gates.json", "gates.safetensors") if name != "query_selector" else ("selector.json",
-                                                                                         "selector.safetensors")
-        elif self.lora:
-            overrides += ["--model.from_scratch", "null", *LORA]
-            files = ("adapter_config.json", "adapter_model.safetensors")
-        else:
-            overrides += ["--model.from_scratch", "null"]
-            files = ("config.json", "model.safetensors")
+        exports = stage.exports
+        if exports == "model":  # the token-selection stages fine-tune the base itself (or LoRA adapters on it)
+            overrides += ["--model.from_scratch", "null", *(LORA if self.lora else [])]
+            exports = "lora" if self.lora else "model"
+        files = EXPORT_FILES[exports]
         record = {}
         if name == "curate":
             record["curation"] = self._curate(folder, steps * TOKEN_BATCH)
@@ -267,6 +304,9 @@ class Quickstart:
               f"of {summary['examples_written']} examples; report {summary['report']['report.html']}", flush=True)
         return {key: summary[key] for key in ("scorer", "examples_written", "response_tokens", "kept_tokens")}
 
+    def export_of(self, stage: str) -> str:
+        return self.base if stage == "base" else str(self.out / stage)
+
     @property
     def clean_train(self) -> Path:
         return self.out / "data" / "tasks" / "noisy-sft-clean" / "train.jsonl"
@@ -287,14 +327,8 @@ class Quickstart:
         """Each export in a fresh `python -m tokensieve eval` process; returns {row name: results per task}."""
         tests = {task: str(self.data_folders.get(f"data/tasks/{task}", REPO_ROOT / "data/tasks" / task) / "test.jsonl")
                  for task in TASKS}
-        recall = [tests["mqar"], tests["needle-qa"]]
-        runs = [("base", self.base, recall, [])]
-        runs += [(name, str(self.out / name), [tests["noisy-sft"]], [])
-                 for name in ("reference", "sft", "rho1", "prior", "sstoken", "curate")]
-        runs += [("trim_kv", str(self.out / "trim_kv"), recall, []),
-                 ("trim_kv_evict", str(self.out / "trim_kv_evict"), recall, []),
-                 ("trim_kv streaming", str(self.out / "trim_kv"), recall, ["--policy", "streaming"]),
-                 ("query_selector", str(self.out / "query_selector"), [tests["needle-qa"]], ["--selector"])]
+        runs = [(e.row, self.export_of(e.export or stage.name), [tests[t] for t in e.tasks], list(e.args))
+                for stage in STAGES for e in stage.evals]
         results = {}
         for name, export, files, extra in runs:
             output = folder / f"{name.replace(' ', '-')}.json"
@@ -325,12 +359,8 @@ def _write_json(path: Path, value) -> None:
 def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
     """One markdown table: a row per export, exact match per test set, training steps and seconds."""
     reload = stages["reload"]["results"]
-    rows = [("base", "tiny recall base, full KV cache", "base")]
-    rows += [(name, TRAINING[name][2], name) for name in ("reference", "sft", "rho1", "prior", "sstoken", "curate")]
-    rows += [("trim_kv", "TRIM-KV gates, bounded KV cache", "trim_kv"),
-             ("trim_kv_evict", "the gates fine-tuned with eviction, same cache", "trim_kv_evict"),
-             ("trim_kv streaming", "StreamingLLM, same export and budget", "trim_kv"),
-             ("query_selector", TRAINING["query_selector"][2], "query_selector")]
+    # (row, title, the stage whose steps and seconds it shows: none for a row that reuses another stage's export)
+    rows = [(e.row, e.title, stage.name if e.export is None else None) for stage in STAGES for e in stage.evals]
     lines = ["| stage | method | steps | train s | noisy-sft (clean test) | mqar | needle-qa |",
              "|---|---|---|---|---|---|---|"]
     for name, title, stage in rows:
@@ -345,7 +375,7 @@ def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
             if "kept_share" in entry:
                 cell += f" ({entry['kept_share']:.0%} kept)"
             cells.append(cell)
-        record = stages[stage] if name != "trim_kv streaming" else {}
+        record = stages[stage] if stage is not None else {}
         seconds = f"{record['seconds']:.0f}" if "steps" in record else "—"
         lines.append(f"| {name} | {title} | {record.get('steps', '—')} | {seconds} | " + " | ".join(cells) + " |")
     gates = reload["trim_kv"]["tasks"].get("mqar", {})
