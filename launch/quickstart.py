@@ -103,11 +103,11 @@ STAGES = (
                  Eval("trim_kv streaming", "StreamingLLM, same export and budget", RECALL, ("--policy", "streaming"),
                       export="trim_kv"))),
     Stage("query_selector", "query selector + LoRA, 10% of the context",
-          recipe="recipes/tiny/query_selector_lora.yaml", steps=300, extra=("--keep_ratio_anneal_steps", "{anneal}"), exports="selector",
-          evals=(Eval("query_selector", "query selector + LoRA, 10% of the context", ("needle-qa",), ("--selector",)),)),
+          recipe="recipes/tiny/query_selector_lora.yaml", steps=300, extra=("--keep_ratio_anneal_steps", "{anneal}"),
+          exports="selector", evals=(Eval("query_selector", "query selector + LoRA, 10% of the context", ("needle-qa",),
+                                          ("--selector",)),)),
     Stage("reload", "every export in a fresh process", kind="reload"),
 )
-STAGE = {stage.name: stage for stage in STAGES}
 TRAINING = [stage.name for stage in STAGES if stage.kind == "train"]
 EXPORT_FILES = {"gates": ("gates.json", "gates.safetensors"), "selector": ("selector.json", "selector.safetensors"),
                 "model": ("config.json", "model.safetensors"), "lora": ("adapter_config.json",
