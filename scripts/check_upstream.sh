@@ -17,7 +17,8 @@ for arg in "$@"; do
     esac
 done
 work="$(mktemp -d "${TMPDIR:-/tmp}/tokensieve-upstream.XXXXXX")"
-[ "${KEEP:-0}" = 1 ] || trap 'rm -rf "$work"' EXIT
+# Removed at the end unless KEEP=1, or something failed (its logs are kept and named then).
+trap '[ "${KEEP:-0}" = 1 ] || [ ${#failed[@]} -gt 0 ] || rm -rf "$work"' EXIT
 venv="$work/venv"
 python="$venv/bin/python"
 failed=()
@@ -82,5 +83,6 @@ if [ ${#failed[@]} -eq 0 ]; then
     exit 0
 fi
 for item in "${failed[@]}"; do echo "FAILED: $item"; done
+echo "logs kept in $work (pytest.log, smoke.log, install.log)"
 [ "$write_lock" = 1 ] && echo "requirements.lock left as it was"
 exit 1
