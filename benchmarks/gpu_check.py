@@ -194,7 +194,7 @@ def decode_speed(setup: Setup) -> dict:
     from transformers import DynamicCache
 
     from tokensieve.selectors.attention import attach_gates
-    from tokensieve.selectors.kv_cache import RetentionCache
+    from tokensieve.selectors.kv_cache import RetentionCache, cache_bytes
 
     model = setup.model().eval()
     attach_gates(model)
@@ -211,7 +211,7 @@ def decode_speed(setup: Setup) -> dict:
                     token = prefill(model, ids, cache, chunk)
                     row[f"{name}_tokens_per_s"] = decode_rate(model, cache, token, setup.sizes["decode_tokens"],
                                                               setup.device)
-                    row[f"{name}_kv_bytes"] = kv_bytes(cache)
+                    row[f"{name}_kv_bytes"] = cache_bytes(cache)
                 except torch.OutOfMemoryError:
                     row[f"{name}_tokens_per_s"], row[f"{name}_error"] = math.nan, "out of memory"
                 del cache
@@ -222,12 +222,6 @@ def decode_speed(setup: Setup) -> dict:
     del model
     free()
     return {"memory_size": memory, "buffer_size": buffer, "rows": rows}
-
-
-def kv_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
 # --- c. ssToken vs SFT -----------------------------------------------------------------------------------------------

@@ -64,6 +64,12 @@ def train_gates(base: str, out: Path, steps: int | None) -> tuple[Path, Path]:
     return soft, evict
 
 
+def budget_sizes(fraction: float, context: float) -> tuple[int, int]:
+    """(M, buffer) of a budget given as a share of the mean prompt length: M = share x length, buffer = M / 4."""
+    memory = max(1, round(fraction * context))
+    return memory, max(1, memory // 4)
+
+
 def read_rows(source, n: int | None) -> list[dict]:
     """Test rows from a JSONL file, or made by a synthetic task's generator: (task, rows, seed, options)."""
     if isinstance(source, tuple):
@@ -103,8 +109,7 @@ def accuracy(args) -> None:
         entry = {"mean_prompt_tokens": context, "full": full, "budgets": {}}
         print(f"[kv_retention] {task}: full cache {full:.3f} (mean prompt {context:.0f} tokens)", flush=True)
         for fraction in args.budgets:
-            memory = max(1, round(fraction * context))
-            buffer = max(1, memory // 4)
+            memory, buffer = budget_sizes(fraction, context)
             scores = {}
             for name, arm_model, policy in arms:
                 def make_cache(arm_model=arm_model, policy=policy):
@@ -152,7 +157,7 @@ def inference(args) -> None:
 
     from tokensieve.launch.export import load_retention_model
     from tokensieve.launch.generate import bounded_generate
-    from tokensieve.selectors.kv_cache import RetentionCache
+    from tokensieve.selectors.kv_cache import RetentionCache, cache_bytes
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -169,7 +174,7 @@ def inference(args) -> None:
         model.generate(prompt, attention_mask=torch.ones_like(prompt), **with_cache(model, full), **options)
         bounded = RetentionCache.for_model(model, memory, buffer)
         model.generate(prompt, attention_mask=torch.ones_like(prompt), **with_cache(model, bounded), **options)
-        full_bytes = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in full.layers)
+        full_bytes = cache_bytes(full)
         rows.append({"tokens": prompt.shape[1] + new_tokens, "full_kv_bytes": full_bytes,
                      "retention_kv_bytes": bounded.nbytes(), "ratio": bounded.nbytes() / full_bytes,
                      "bound": (memory + buffer) / (prompt.shape[1] + new_tokens)})
@@ -424,8 +429,7 @@ def slots(args) -> None:
         context = sum(len(ids) for ids, _, _, _ in labelled) / len(labelled)
         entry = results["tasks"].setdefault(task, {"mean_prompt_tokens": context, "budgets": {}})
         for fraction in args.budgets:
-            memory = max(1, round(fraction * context))
-            buffer = max(1, memory // 4)
+            memory, buffer = budget_sizes(fraction, context)
             shares, survived = [], []
             for index, (ids, kinds, _, asked) in enumerate(labelled):
                 snapshot = retention_snapshot(model, ids, memory, buffer)

@@ -32,6 +32,13 @@ def check_memory_size(memory_size: int | None, none_means: str | None = None) ->
         raise ValueError(f"memory_size must be >= 1{alternative}, got {memory_size}")
 
 
+def cache_bytes(cache) -> int:
+    """Bytes held by the keys and values of any transformers Cache (every layer, padding included)."""
+    return sum(tensor.numel() * tensor.element_size() for layer in cache.layers
+               for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None))
+               if isinstance(tensor, torch.Tensor))
+
+
 def cache_sizes(config: dict, memory_size: int | None, buffer_size: int | None) -> tuple[int | None, int]:
     """(memory, buffer) for a cache: those given, else the ones a gates export recorded (gates.json), else no
     limit and the default buffer."""

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from tokensieve.errors import DataError
+from tokensieve.selectors.kv_cache import cache_bytes
 from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
 from tokensieve.upstream import attn_implementation, run_decoder_layers
 
@@ -168,8 +169,7 @@ class Prefill:
 
     def kv_bytes(self) -> int:
         """Bytes held by the KV cache (keys and values of every layer, padding included)."""
-        return sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                   for layer in self.cache.layers if getattr(layer, "keys", None) is not None)
+        return cache_bytes(self.cache)
 
 
 def _check_attention(model) -> None:
