@@ -7,8 +7,8 @@
    against the CPU, gate export -> reload on CUDA).
 2. measurements on a model built with `from_config` from a shipped config (benchmarks/configs/*.json; no hub, random
    weights: speed and memory do not depend on the weights):
-   a. gate-training step vs LoRA SFT step at --train-length tokens: time and peak memory (chunked, flex and dense
-      training attention);
+   a. gate-training step vs LoRA SFT step at --train-length tokens: time and peak memory (fused, chunked, flex and
+      dense training attention);
    b. decode tokens/s of the RetentionCache (M, buffer) vs the full cache at each --decode-contexts, batch 1 and 8;
    c. ssToken step (history "base" and "offline") / SFT step (LoRA) at --sstoken-length tokens;
    d. query-selector prefill (untrained selector, PromptDistill, GemFilter at 10%) time and KV bytes vs the full
@@ -147,7 +147,8 @@ def gate_training(setup: Setup) -> dict:
                                     train_dataset=Dataset.from_list([{"prompt": "a", "completion": "b"}]))
         return make
 
-    arms = {"lora_sft": lambda tmp: lora_sft(setup, tmp), "gates_chunked": gates("chunked")}
+    arms = {"lora_sft": lambda tmp: lora_sft(setup, tmp), "gates_fused": gates("fused"),
+            "gates_chunked": gates("chunked")}
     if setup.device == "cuda":
         arms["gates_flex"] = gates("flex")  # FlexAttention has no backward pass on the CPU
     arms["gates_dense"] = gates("dense")

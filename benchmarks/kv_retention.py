@@ -4,6 +4,7 @@
     python benchmarks/kv_retention.py inference [--memory-size 32]
     python benchmarks/kv_retention.py training  [--steps 20]
     python benchmarks/kv_retention.py training-lengths [--lengths 512 1024 2048 4096]
+    python benchmarks/kv_retention.py kernels [--lengths 512 1024 2048 4096]
     python benchmarks/kv_retention.py slots --gates EXPORT [--budgets 0.1 0.25]
 
 accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml and fine-tuned with eviction by
@@ -18,8 +19,10 @@ training: gate-training step time / LoRA SFT step time on the same data and batc
 slots: for a gates export, the share of the cache's slots each kind of token (mqar key / value / filler / question,
 needle-qa needle / fact / question) holds at answer time, per layer and kv head, whether the asked pair survived,
 and a retention map PNG of the first row.
-training-lengths: step time and step memory of gate training (dense bias vs chunked attention, soft and with
-eviction) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
+training-lengths: step time and step memory of gate training (fused, chunked and dense attention, soft and with
+eviction; --arms) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
+kernels: the training attention kernels (fused, chunked, dense, and plain causal sdpa) and the capacity loss
+(factored, and by its definition) on raw tensors: time of forward + backward and error against the reference.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
 """
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -294,10 +298,12 @@ def training(args) -> None:
 
 LENGTH_ARMS = {  # name: (label, gate kernel or None for LoRA SFT, train_with_eviction)
     "lora_sft": ("LoRA SFT (r16, all linear)", None, False),
-    "gates_dense": ("gates, dense [B, H, T, T] bias (before)", "dense", False),
+    "gates_fused": ("gates, fused sdpa (the default)", "fused", False),
     "gates_chunked": ("gates, chunked attention", "chunked", False),
-    "evict_dense": ("gates + eviction, dense bias (before)", "dense", True),
+    "gates_dense": ("gates, dense [B, H, T, T] bias", "dense", False),
+    "evict_fused": ("gates + eviction, fused sdpa", "fused", True),
     "evict_chunked": ("gates + eviction, chunked attention", "chunked", True),
+    "evict_dense": ("gates + eviction, dense bias", "dense", True),
 }
 
 
@@ -346,10 +352,10 @@ def training_lengths(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"environment": environment(), "lengths": args.lengths, "memory_size": args.memory_size,
-               "chunk": args.chunk, "arms": {arm: {} for arm in LENGTH_ARMS}}
+               "chunk": args.chunk, "arms": {arm: {} for arm in ["lora_sft", *args.arms]}}
     for length in args.lengths:
         for _ in range(args.repeats):  # alternating arms, so drift on a shared machine hits all of them
-            for arm in LENGTH_ARMS:
+            for arm in results["arms"]:
                 entry = results["arms"][arm].setdefault(str(length), {"seconds": [], "step_bytes": []})
                 command = [sys.executable, __file__, "training-lengths", "--one", arm, "--base", args.base,
                            "--lengths", str(length), "--steps", str(args.steps), "--memory-size",
@@ -382,8 +388,8 @@ def write_lengths_report(out: Path, results: dict) -> None:
         f"blocks over 128 KiB to the system), each arm in a fresh process. M = {results['memory_size']}, "
         f"chunk {results['chunk']} query rows.", "",
         "| arm | " + " | ".join(f"T = {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
-    for arm, (label, _, _) in LENGTH_ARMS.items():
-        cells = []
+    for arm in arms:
+        label, cells = LENGTH_ARMS[arm][0], []
         for n in lengths:
             seconds, memory = best(arm, n, "seconds"), best(arm, n, "step_bytes")
             if arm == "lora_sft":
@@ -396,7 +402,8 @@ def write_lengths_report(out: Path, results: dict) -> None:
     lines += ["", "Gate rows: step time and step memory as ratios to the LoRA SFT step at the same length."]
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.8))
-    for arm, (label, _, _) in LENGTH_ARMS.items():
+    for arm in arms:
+        label = LENGTH_ARMS[arm][0]
         axis.plot([int(n) for n in lengths], [best(arm, n, "step_bytes") / 2**20 for n in lengths], marker="o",
                   label=label)
     axis.set_xscale("log", base=2)
@@ -405,6 +412,108 @@ def write_lengths_report(out: Path, results: dict) -> None:
     axis.set_ylabel("step memory (MiB)")
     axis.legend(fontsize=7)
     finish(out, "training_lengths", lines, figure)
+
+
+def _capacity_by_definition(log_beta: torch.Tensor, memory: int, rows: int = 256) -> torch.Tensor:
+    """The capacity loss with one exponential per (row, key), blocks of `rows` query rows: the formula the factored
+    `capacity_terms` replaces, kept here as the timing and accuracy reference."""
+    length = log_beta.shape[-1]
+    total, count = log_beta.new_zeros(()), log_beta.new_zeros(())
+    for start in range(0, length, rows):
+        end = min(start + rows, length)
+        age = (torch.arange(start, end)[:, None] - torch.arange(end)[None]).to(log_beta.dtype)
+        retained = (torch.exp(age.clamp(min=0) * log_beta[..., None, :end]) * (age >= 0)).sum(-1)
+        excess = (retained - memory) / (torch.arange(start, end) - memory).clamp(min=1)
+        total, count = total + excess.clamp(min=0).sum(), count + (excess > 0).sum()
+    return total / count.clamp(min=1)
+
+
+def kernels(args) -> None:
+    """The gated training attention kernels and the capacity loss on raw tensors shaped like the tiny base's
+    attention (forward + backward, best of --repeats), with their error against the dense / definitional reference."""
+    from torch.nn import functional as F
+
+    from tokensieve.selectors.attention import (chunked_gated_attention, dense_gated_attention,
+                                                fused_gated_attention)
+    from tokensieve.selectors.retention import capacity_loss
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    batch, heads, kv_heads, dim, memory = 1, 8, 4, 16, args.memory_size
+    scaling = dim**-0.5
+    generator = torch.Generator().manual_seed(0)
+    arms = {  # name: function of (query, key, value, log_beta) -> a tensor to sum for the backward pass
+        "sdpa, causal, no bias": lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                                   scale=scaling, enable_gqa=True),
+        "fused": lambda q, k, v, b: fused_gated_attention(q, k, v, None, b, scaling),
+        "chunked": lambda q, k, v, b: chunked_gated_attention(q, k, v, None, b, scaling),
+        "dense": lambda q, k, v, b: dense_gated_attention(q, k, v, None, b, scaling),
+        "capacity loss, factored": lambda q, k, v, b: capacity_loss(b, memory),
+        "capacity loss, by definition": lambda q, k, v, b: _capacity_by_definition(b, memory),
+    }
+    results = {"environment": environment(), "lengths": args.lengths, "rows": []}
+    for length in args.lengths:
+        query = torch.randn(batch, heads, length, dim, generator=generator)
+        key, value = torch.randn(2, batch, kv_heads, length, dim, generator=generator)
+        row = {"length": length, "seconds": {}, "error": {}}
+        for depth in (1.0, 10.0):  # log beta down to -1 and to -10
+            log_beta = -torch.rand(batch, kv_heads, length, generator=generator) ** 3 * depth
+            outputs = {}
+            for name, function in arms.items():
+                if name == "dense" and length > args.dense_up_to:
+                    continue
+                tensors = [t.clone().requires_grad_() for t in (query, key, value, log_beta)]
+                best = math.inf
+                for _ in range(args.repeats):
+                    for t in tensors:
+                        t.grad = None
+                    started = time.perf_counter()
+                    result = function(*tensors)
+                    (result * result).sum().backward()
+                    best = min(best, time.perf_counter() - started)
+                if depth == 1.0:
+                    row["seconds"][name] = best
+                outputs[name] = (result.detach(), tensors[3].grad)
+            reference = "dense" if "dense" in outputs else "chunked"
+            for name in ("fused", "chunked") if reference == "dense" else ("fused",):
+                output, gradient = outputs[name]
+                expected, expected_gradient = outputs[reference]
+                row["error"][f"{name} vs {reference}, log beta >= -{depth:g}"] = {
+                    "output": (output - expected).abs().max().item(),
+                    "gradient": ((gradient - expected_gradient).abs().max() / expected_gradient.abs().max()).item()}
+            factored, definition = outputs["capacity loss, factored"][0], outputs["capacity loss, by definition"][0]
+            row["error"][f"capacity factored vs definition, log beta >= -{depth:g}"] = {
+                "output": abs(factored.item() - definition.item()) / max(abs(definition.item()), 1e-12)}
+        results["rows"].append(row)
+        print(f"[kernels] T = {length}: " + ", ".join(f"{k} {v:.4f} s" for k, v in row["seconds"].items()), flush=True)
+    (out / "kernels.json").write_text(json.dumps(results, indent=2) + "\n")
+    names = list(arms)
+    lines = ["# Gated training attention and capacity loss on raw tensors", ""] + environment_lines(
+        results["environment"]) + [
+        f"Batch 1, {heads} heads, {kv_heads} kv heads, head dim {dim} (the tiny base's attention); log beta = "
+        f"-u^3 (u uniform) for the times; forward + backward, best of {args.repeats}; M = {memory}.", "",
+        "| T | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row in results["rows"]:
+        lines.append(f"| {row['length']} | " + " | ".join(
+            f"{row['seconds'][n]:.4f} s" if n in row["seconds"] else "—" for n in names) + " |")
+    lines += ["", "Error (max abs output difference; max gradient difference relative to the largest gradient; "
+              "capacity: relative difference of the loss):", "", "| T | comparison | output | log-beta gradient |",
+              "|---|---|---|---|"]
+    for row in results["rows"]:
+        for name, error in row["error"].items():
+            gradient = f"{error['gradient']:.1e}" if "gradient" in error else "—"
+            lines.append(f"| {row['length']} | {name} | {error['output']:.1e} | {gradient} |")
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(6, 3.8))
+    for name in names:
+        points = [(row["length"], row["seconds"][name]) for row in results["rows"] if name in row["seconds"]]
+        axis.plot(*zip(*points), marker="o", label=name)
+    axis.set_xscale("log", base=2)
+    axis.set_yscale("log")
+    axis.set_xlabel("sequence length T")
+    axis.set_ylabel("forward + backward (s)")
+    axis.legend(fontsize=7)
+    finish(out, "kernels", lines, figure)
 
 
 def slots(args) -> None:
@@ -477,14 +586,21 @@ def main() -> None:
     s_.add_argument("--data", default=None, help="a JSONL of rows of the (one) task instead of its test split")
     s_.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25])
     s_.add_argument("--test-examples", type=int, default=100)
+    k = commands.add_parser("kernels")
+    k.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
+    k.add_argument("--repeats", type=int, default=3)
+    k.add_argument("--memory-size", type=int, default=32)
+    k.add_argument("--dense-up-to", type=int, default=4096, help="skip the dense reference above this length")
     n = commands.add_parser("training-lengths")
     n.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096])
     n.add_argument("--steps", type=int, default=3)
     n.add_argument("--repeats", type=int, default=2)
     n.add_argument("--memory-size", type=int, default=128)
     n.add_argument("--chunk", type=int, default=128)
+    n.add_argument("--arms", nargs="+", default=[arm for arm in LENGTH_ARMS if arm != "lora_sft"],
+                   choices=[arm for arm in LENGTH_ARMS if arm != "lora_sft"], help="gate arms beside LoRA SFT")
     n.add_argument("--one", default=None, choices=sorted(LENGTH_ARMS), help=argparse.SUPPRESS)
-    for sub in (a, i, t, s_, n):
+    for sub in (a, i, t, s_, n, k):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
         sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")
         sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
@@ -494,7 +610,7 @@ def main() -> None:
         print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk)))
         return
     {"accuracy": accuracy, "inference": inference, "training": training, "slots": slots,
-     "training-lengths": training_lengths}[args.command](args)
+     "training-lengths": training_lengths, "kernels": kernels}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class RetentionState:
 
     def __init__(self, fallback: str = "sdpa"):
         self.fallback, self.enabled, self.hook = fallback, True, None
-        self.train_memory, self.kernel, self.chunk = None, "chunked", DEFAULT_CHUNK
+        self.train_memory, self.kernel, self.chunk = None, "fused", DEFAULT_CHUNK
         self.cache_layer = self.log_beta = None
 
 
@@ -101,7 +101,7 @@ def evicted_bias(bias: torch.Tensor, memory_size: int) -> torch.Tensor:
     return bias.masked_fill(bias < threshold, -math.inf)
 
 
-TRAINING_KERNELS = ("chunked", "flex", "dense")
+TRAINING_KERNELS = ("fused", "chunked", "flex", "dense")
 DEFAULT_CHUNK = 128
 
 
@@ -112,8 +112,15 @@ def _block_bias(log_beta: torch.Tensor, allowed: torch.Tensor | None, start: int
     age = (torch.arange(start, end, device=log_beta.device)[:, None]
            - torch.arange(end, device=log_beta.device)[None]).float()
     bias = age * log_beta[:, :, None, :end].float()
-    visible = age >= 0 if allowed is None else (age >= 0) & allowed.bool()
+    visible = age >= 0 if allowed is None else ((age >= 0) & allowed.bool()) | (age == 0)  # see _with_diagonal
     return bias.masked_fill(~visible, -math.inf)
+
+
+def _with_diagonal(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model's boolean mask with every query seeing itself: a left-padding row that sees nothing would give NaN,
+    and NaN times a zero attention weight poisons the real rows after it. [B, 1, T, T] -> the same."""
+    length = attention_mask.shape[-1]
+    return attention_mask.bool() | torch.eye(length, dtype=torch.bool, device=attention_mask.device)
 
 
 def _eviction_threshold(bias: torch.Tensor, memory: int) -> torch.Tensor | None:
@@ -170,6 +177,82 @@ def chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling
     return torch.cat(blocks, dim=3).view(batch, heads, length, dim)
 
 
+def _evicted_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float, memory: int,
+                       chunk: int) -> torch.Tensor:
+    """Forward only (no gradient): attention over the keys a RetentionCache of `memory` keys keeps, with the bias,
+    a block of `chunk` query rows at a time. Same shapes and dtype as chunked_gated_attention."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
+    key, value, log_beta = key.float(), value.float(), log_beta.float()
+    blocks = []
+    with torch.no_grad():
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            allowed = attention_mask[:, :, start:end, :end] if attention_mask is not None else None
+            bias = _block_bias(log_beta, allowed, start, end - start)
+            threshold = _eviction_threshold(bias, memory)
+            if threshold is not None:
+                bias = bias.masked_fill(bias < threshold, -math.inf)
+            scores = torch.matmul(grouped[:, :, :, start:end], key[:, :, None, :end].transpose(-1, -2)) * scaling
+            probs = (scores + bias[:, :, None]).softmax(dim=-1)
+            if dropout:
+                probs = F.dropout(probs, p=dropout)
+            blocks.append(torch.matmul(probs, value[:, :, None, :end]))
+    return torch.cat(blocks, dim=3).view(batch, heads, length, dim)
+
+
+def _only_causal(attention_mask: torch.Tensor | None) -> bool:
+    """Whether sdpa's own causal mask shows every real query row the keys the model's mask shows it: no mask, or a
+    causal mask with padding only at the end of each row. Padding rows may then see more keys than the model's mask
+    lets them; their outputs only reach later padding positions, which carry no label and no capacity term."""
+    if attention_mask is None:
+        return True
+    allowed = attention_mask[:, 0].bool()  # [B, T, T]
+    length = allowed.shape[-1]
+    real = allowed.any(dim=-2)  # keys some query sees: the real tokens
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):  # a real token after padding: not trailing padding only
+        return False
+    causal = torch.ones(length, length, dtype=torch.bool, device=allowed.device).tril()
+    rows = real[:, :, None]
+    return torch.equal(allowed & rows, causal & real[:, None, :] & rows)
+
+
+def fused_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float = 0.0,
+                          memory: int | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """The gated attention in one fused sdpa call (flash attention on CPU, memory-efficient attention on CUDA): the
+    bias is folded into two extra head dimensions, q'_t = [t - c, 1, q_t / sqrt(d)] and
+    k'_i = [log beta_i, (c - i) log beta_i, k_i], so q'_t . k'_i = q_t k_i / sqrt(d) + (t - i) log beta_i (c: the
+    middle position). Exact in math; in fp32 the two large terms cancel to the bias with a rounding error of about
+    1e-7 |(t - c) log beta_i| (they come first in the dot product, so the diagonal's bias is exactly 0). Memory O(T):
+    no score matrix is kept. A mask other than causal-with-trailing-padding (left padding, packed rows) is passed to
+    sdpa as it is (slower kernels). `memory`: the forward value of the attention over the kept keys
+    (`_evicted_attention`, blocks of `chunk` rows, no gradient), the gradient the soft bias's (straight-through).
+    query [B, H, T, d], key / value [B, H_kv, T, d] -> [B, H, T, d] (fp32)."""
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    log_beta = log_beta.float()
+    extra = 2 if not query.is_cuda else -(-(dim + 2) // 8) * 8 - dim  # CUDA kernels want a multiple of 8
+    offset = torch.arange(length, device=query.device, dtype=torch.float32) - (length - 1) / 2  # t - c
+    query_extra = torch.zeros(batch, heads, length, extra, device=query.device)
+    query_extra[..., 0], query_extra[..., 1] = offset, 1.0
+    key_extra = F.pad(torch.stack([log_beta, -offset * log_beta], dim=-1), (0, extra - 2))
+    folded_query = torch.cat([query_extra, query.float() * scaling], dim=-1)
+    folded_key = torch.cat([key_extra, key.float()], dim=-1)
+    folded_value = F.pad(value.float(), (extra, 0))  # the same head dim for the fused kernels; dropped after
+    gqa = {"enable_gqa": True} if kv_heads != heads and not query.is_cuda else {}
+    if kv_heads != heads and query.is_cuda:  # CUDA's memory-efficient kernel has no GQA: repeat as transformers does
+        folded_key = _repeat_kv(folded_key, heads // kv_heads)
+        folded_value = _repeat_kv(folded_value, heads // kv_heads)
+    masking = {"is_causal": True} if _only_causal(attention_mask) else {"attn_mask": _with_diagonal(attention_mask)}
+    output = F.scaled_dot_product_attention(folded_query, folded_key, folded_value, dropout_p=dropout, scale=1.0,
+                                            **gqa, **masking)[..., extra:]
+    if memory is not None and memory < length:
+        evicted = _evicted_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
+        output = output + (evicted - output).detach()
+    return output
+
+
 @lru_cache(maxsize=None)
 def _flex_kernel(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
@@ -195,7 +278,7 @@ def flex_gated_attention(query, key, value, attention_mask, log_beta, scaling: f
     if not query.is_cuda:
         query, key, value = query.float(), key.float(), value.float()
     log_beta = log_beta.float()
-    mask = attention_mask.bool() if attention_mask is not None else None
+    mask = _with_diagonal(attention_mask) if attention_mask is not None else None
 
     def visible(b, h, q_idx, kv_idx):
         causal = kv_idx <= q_idx
@@ -232,7 +315,7 @@ def dense_gated_attention(query, key, value, attention_mask, log_beta, scaling: 
     groups = query.shape[1] // key.shape[1]
     bias = retention_bias(log_beta.float())  # [B, H_kv, T, T]
     if attention_mask is not None:
-        bias = bias.masked_fill(~attention_mask.bool(), -math.inf)
+        bias = bias.masked_fill(~_with_diagonal(attention_mask), -math.inf)
     query, key, value = query.float(), _repeat_kv(key, groups).float(), _repeat_kv(value, groups).float()
 
     def attend(scores):
@@ -251,7 +334,9 @@ def _biased_attention(module, query, key, value, attention_mask, log_beta, scali
     softmax over it) stays fp32 whatever the model's dtype; the output goes back to the model's dtype."""
     state = retention_state(module) or RetentionState()
     memory, kernel, chunk = state.train_memory, state.kernel, state.chunk
-    if kernel == "chunked":
+    if kernel == "fused":
+        output = fused_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
+    elif kernel == "chunked":
         output = chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
     elif kernel == "flex":
         if dropout:
@@ -381,10 +466,12 @@ def train_with_eviction(model: nn.Module, memory_size: int | None) -> None:
         _require_state(attention).train_memory = memory_size
 
 
-def set_training_kernel(model: nn.Module, kernel: str = "chunked", chunk: int = DEFAULT_CHUNK) -> None:
-    """How the gated training attention is computed (same result, different memory):
-    "chunked" (default): query rows in blocks of `chunk`, memory O(T x chunk); "flex": FlexAttention with the bias as
-    a score_mod, compiled on CUDA; "dense": the whole [B, H, T, T] bias (the reference, quadratic memory)."""
+def set_training_kernel(model: nn.Module, kernel: str = "fused", chunk: int = DEFAULT_CHUNK) -> None:
+    """How the gated training attention is computed (the same result up to rounding, different time and memory):
+    "fused" (default): the bias folded into the head dimension of one sdpa call (`fused_gated_attention`), memory
+    O(T); "chunked": query rows in blocks of `chunk`, explicit fp32 attention, memory O(T x chunk); "flex":
+    FlexAttention with the bias as a score_mod, compiled on CUDA; "dense": the whole [B, H, T, T] bias (the
+    reference, quadratic memory). `chunk` is also the block of train_with_eviction's evicted forward."""
     if kernel not in TRAINING_KERNELS:
         raise ValueError(f"training kernel must be one of {', '.join(TRAINING_KERNELS)}, got {kernel!r}")
     if chunk < 1:

@@ -58,25 +58,45 @@ def retention_bias(log_beta: torch.Tensor) -> torch.Tensor:
     return bias.masked_fill(age < 0, -math.inf)
 
 
-def _retained_sum(log_beta: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """S_t = sum_{i <= t, i real} beta_i^(t - i) for the query positions `rows` (ascending): [B, H, T] -> [B, H, R].
-    Only keys up to the last row enter (the later ones are in no row's past)."""
-    end = int(rows[-1]) + 1
-    positions = torch.arange(end, device=log_beta.device)
-    age = (rows[:, None] - positions[None, :]).to(log_beta.dtype)  # [R, end]
-    terms = torch.exp(age.clamp(min=0) * log_beta[..., None, :end])
-    return (terms * ((age >= 0) & keys[:, None, None, :end])).sum(dim=-1)
+def _retained_sum(log_beta: torch.Tensor, start: int, end: int, keys: torch.Tensor, step: int) -> torch.Tensor:
+    """S_t = sum_{i <= t, i real} beta_i^(t - i) for the query positions t = start .. end - 1: [B, H, T] -> [B, H,
+    end - start]. Only keys up to end - 1 enter (the later ones are in no row's past).
+
+    Factored so that most of the work is a matrix product instead of one exponential per (t, i): the rows go in
+    steps of `step`; for a step starting at s and t = s + r, the keys before s give
+    sum_{i < s} beta_i^(s - i) * beta_i^r (a [steps, keys] x [keys, step] product of exponentials, `step` + steps
+    exponentials per key instead of end - start), the keys inside the step the direct sum over a [step, step] block.
+    """
+    batch, heads = log_beta.shape[:2]
+    rows = end - start
+    count = -(-rows // step)  # steps in this range (the last may run past end: padded, dropped)
+    device, dtype = log_beta.device, log_beta.dtype
+    offsets = torch.arange(step, device=device, dtype=dtype)
+    # Keys before each step's first row s: beta_i^(s - i) for i < s, then times beta_i^r for r = 0 .. step - 1.
+    firsts = start + step * torch.arange(count, device=device)
+    age = (firsts[:, None] - torch.arange(end, device=device)[None]).to(dtype)  # [steps, end]
+    earlier = (age > 0) & keys[:, None, None, :end]  # [B, 1, steps, end]
+    decayed = torch.exp(age.clamp(min=0) * log_beta[..., None, :end]).masked_fill(~earlier, 0.0)
+    powers = torch.exp(offsets[:, None] * log_beta[..., None, :end])  # [B, H, step, end]
+    before = decayed @ powers.transpose(-1, -2)  # [B, H, steps, step]
+    # Keys inside the step: t - i = r - j for key j of the step.
+    padding = count * step - rows
+    inside = F.pad(log_beta[..., start:end], (0, padding)).view(batch, heads, count, step)
+    real = F.pad(keys[:, start:end], (0, padding)).view(batch, 1, count, 1, step)
+    lag = offsets[:, None] - offsets[None, :]  # [step (rows), step (keys)]
+    terms = torch.exp(lag.clamp(min=0) * inside[..., None, :]).masked_fill(~((lag >= 0) & real), 0.0)
+    return (before + terms.sum(dim=-1)).reshape(batch, heads, count * step)[..., :rows]
 
 
 def capacity_loss(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,
-                  chunk_size: int = 256, valid: torch.Tensor | None = None) -> torch.Tensor:
+                  chunk_size: int = 1024, valid: torch.Tensor | None = None) -> torch.Tensor:
     """TRIM-KV's capacity loss (see `capacity_terms`): the positive terms' sum over their count, 0 if none."""
     total, count = capacity_terms(log_beta, memory_size, global_budget, chunk_size, valid)
     return total / count.clamp(min=1)
 
 
 def capacity_terms(log_beta: torch.Tensor, memory_size: float, global_budget: bool = False,
-                   chunk_size: int = 256, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk_size: int = 1024, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum_t max(0, (S_t - M) / max(t - M, 1)), the number of positive terms): TRIM-KV's capacity loss is their ratio.
 
     Returned apart so a data-parallel trainer can divide by the count summed over ranks.
@@ -85,8 +105,10 @@ def capacity_terms(log_beta: torch.Tensor, memory_size: float, global_budget: bo
     global_budget: compare the sum of S_t over all heads with M * H instead, divided by H (one budget of M * H
     slots that heads may trade between them).
     valid: optional [B, T] bool, the real tokens (padding neither counts as retained nor adds terms).
-    Query rows are processed in chunks of `chunk_size` and recomputed in the backward pass, so memory stays at
-    [B, H, chunk, T] (never [T, T] per head at once, never float64).
+    Query rows are processed in chunks of `chunk_size` and recomputed in the backward pass; inside a chunk the sums
+    are factored in steps of sqrt(chunk_size) rows (`_retained_sum`), so memory stays at [B, H, 2 sqrt(chunk), T]
+    and a chunk costs about 2 sqrt(chunk) exponentials per key instead of chunk (never [T, T] per head, never
+    float64).
     """
     check_memory_size(memory_size)
     if log_beta.dim() != 3:
@@ -99,12 +121,14 @@ def capacity_terms(log_beta: torch.Tensor, memory_size: float, global_budget: bo
     shared = heads if global_budget else 1  # heads that share one budget of M * shared slots
     total = log_beta.new_zeros(())
     count = log_beta.new_zeros(())
+    step = max(1, math.isqrt(chunk_size))  # ~sqrt(chunk) exponentials per key and row step (see _retained_sum)
     for start in range(0, length, chunk_size):
-        rows = torch.arange(start, min(start + chunk_size, length), device=log_beta.device)
+        end = min(start + chunk_size, length)
+        rows = torch.arange(start, end, device=log_beta.device)
         if log_beta.requires_grad:
-            retained = checkpoint(_retained_sum, log_beta, rows, valid, use_reentrant=False)
+            retained = checkpoint(_retained_sum, log_beta, start, end, valid, step, use_reentrant=False)
         else:
-            retained = _retained_sum(log_beta, rows, valid)  # [B, H, R]
+            retained = _retained_sum(log_beta, start, end, valid, step)  # [B, H, rows]
         if global_budget:
             retained = retained.sum(dim=1, keepdim=True)
         excess = (retained - memory_size * shared) / (shared * (rows.to(retained.dtype) - memory_size).clamp(min=1.0))

@@ -125,3 +125,37 @@ def test_gate_export_reloads_on_cuda(tiny_tokenizer, tmp_path):
     assert next(model.parameters()).device.type == DEVICE
     ids = torch.randint(3, 250, (1, 12), device=DEVICE)
     assert torch.isfinite(model(input_ids=ids, use_cache=False).logits).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_kernels_equal_the_dense_bias_on_the_device(dtype):
+    """The fused (and on CUDA the flex) training attention against the dense reference on the device, in the model's
+    dtype: output and log-beta gradient, grouped heads, right padding (the causal kernel) and left padding (the mask)."""
+    from tokensieve.selectors.attention import (chunked_gated_attention, dense_gated_attention,
+                                                flex_gated_attention, fused_gated_attention)
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 8, 2, 200, 64
+    query = torch.randn(batch, heads, length, dim, device=DEVICE, dtype=dtype)
+    key, value = torch.randn(2, batch, kv_heads, length, dim, device=DEVICE, dtype=dtype)
+    log_beta = -torch.rand(batch, kv_heads, length, device=DEVICE) ** 3 * 4
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()[None, None]
+    real = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+    real[1, 150:] = False
+    upstream = torch.randn(batch, heads, length, dim, device=DEVICE)
+    kernels = [fused_gated_attention, chunked_gated_attention] + ([flex_gated_attention] if DEVICE == "cuda" else [])
+    for valid in (real, real.flip(-1)):
+        mask = causal & valid[:, None, None, :]
+        rows = valid[:, None, :, None]
+
+        def run(kernel):
+            beta = log_beta.clone().requires_grad_()
+            output = kernel(query, key, value, mask, beta, dim**-0.5).float() * rows
+            gradient, = torch.autograd.grad((output * upstream).sum(), beta)
+            return output.detach(), gradient
+
+        reference, reference_gradient = run(dense_gated_attention)
+        for kernel in kernels:
+            output, gradient = run(kernel)
+            torch.testing.assert_close(output, reference, atol=1e-4, rtol=1e-4, msg=kernel.__name__)
+            torch.testing.assert_close(gradient, reference_gradient, atol=1e-3, rtol=1e-3, msg=kernel.__name__)

@@ -28,11 +28,11 @@ def test_cpu_smoke_measures_every_section(repo_root, tmp_path):
     sections = results["sections"]
     assert set(sections) == {"gate_training", "decode", "sstoken", "prefill"}  # the gpu tests need CUDA
     assert not [name for name, section in sections.items() if "error" in section]
-    assert set(sections["gate_training"]["arms"]) == {"lora_sft", "gates_chunked", "gates_dense"}
+    assert set(sections["gate_training"]["arms"]) == {"lora_sft", "gates_fused", "gates_chunked", "gates_dense"}
     for section in ("gate_training", "sstoken"):
         assert all(arm["seconds"] > 0 for arm in sections[section]["arms"].values())
     rows = sections["decode"]["rows"]
     assert rows and all(row["full_tokens_per_s"] > 0 and row["retention_tokens_per_s"] > 0 for row in rows)
     prefill = sections["prefill"]["methods"]
     assert prefill["selector"]["kv_ratio"] < 1 and prefill["promptdistill"]["kv_ratio"] > prefill["gemfilter"]["kv_ratio"]
-    assert "| gates_chunked |" in (tmp_path / "gpu_check.md").read_text()
+    assert "| gates_fused |" in (tmp_path / "gpu_check.md").read_text()

@@ -16,6 +16,7 @@ from tokensieve.launch.model import FromScratchArguments, build_config
 from tokensieve.selectors.attention import (TRAINING_KERNELS, RetentionState, _biased_attention, attach_gates,
                                             attention_modules, chunked_gated_attention, collected_log_beta,
                                             dense_gated_attention, detach_gates, evicted_bias, flex_gated_attention,
+                                            fused_gated_attention,
                                             gates_disabled, gates_of, retention_state, set_training_kernel,
                                             train_with_eviction)
 from tokensieve.selectors.kv_cache import RetentionCache, RetentionLayer
@@ -121,7 +122,8 @@ def test_chunked_and_flex_kernels_equal_the_dense_bias(memory):
         return output.detach(), gradient
 
     reference, reference_gradient = run(dense_gated_attention)
-    for kernel, options in ((chunked_gated_attention, {"chunk": 16}), (chunked_gated_attention, {"chunk": 1000}),
+    for kernel, options in ((fused_gated_attention, {"chunk": 16}), (fused_gated_attention, {"chunk": 1000}),
+                            (chunked_gated_attention, {"chunk": 16}), (chunked_gated_attention, {"chunk": 1000}),
                             (flex_gated_attention, {"chunk": 16})):
         output, gradient = run(kernel, **options)
         torch.testing.assert_close(output, reference, atol=2e-6, rtol=1e-5)
@@ -130,11 +132,46 @@ def test_chunked_and_flex_kernels_equal_the_dense_bias(memory):
         assert not torch.allclose(reference, dense_gated_attention(query, key, value, mask, log_beta, dim**-0.5))
 
 
+@pytest.mark.parametrize("memory", [None, 9])
+def test_fused_kernel_uses_the_causal_kernel_where_it_may(memory):
+    """The fused kernel hands sdpa its own causal mask when padding only trails (then the real rows equal the dense
+    reference, padding rows may differ), and the model's mask otherwise; its folded bias stays accurate at long
+    lengths with strongly forgetting gates."""
+    from tokensieve.selectors.attention import _only_causal
+
+    torch.manual_seed(0)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 300, 8
+    query, key, value = torch.randn(batch, heads, length, dim), *torch.randn(2, batch, kv_heads, length, dim)
+    log_beta = -torch.rand(batch, kv_heads, length) ** 3 * 8  # beta down to e^-8
+    causal = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+    trailing = torch.ones(batch, length, dtype=torch.bool)
+    trailing[1, 250:] = False
+    right = causal & trailing[:, None, None, :]
+    left = causal & trailing.flip(-1)[:, None, None, :]
+    packed = causal.clone().repeat(batch, 1, 1, 1)
+    packed[:, :, 100:, :100] = False  # two sequences in one row
+    assert _only_causal(None) and _only_causal(causal) and _only_causal(right)
+    assert not _only_causal(left) and not _only_causal(packed)
+    upstream = torch.randn(batch, heads, length, dim)
+    rows = trailing[:, None, :, None]  # the real query rows
+    for mask in (right, packed):
+        def run(kernel):
+            beta = log_beta.clone().requires_grad_()
+            output = kernel(query, key, value, mask, beta, dim**-0.5, memory=memory)
+            gradient, = torch.autograd.grad((output * upstream * rows).sum(), beta)
+            return (output * rows).detach(), gradient
+
+        reference, reference_gradient = run(dense_gated_attention)
+        output, gradient = run(fused_gated_attention)
+        torch.testing.assert_close(output, reference, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(gradient, reference_gradient, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("architecture", ["llama", "qwen2", "qwen3"])
 def test_gated_models_train_alike_with_every_kernel(tiny_tokenizer, architecture):
-    """A gated tiny model with padding: logits and gate gradients of the chunked and flex kernels equal the dense
-    reference, soft and with eviction."""
+    """A gated tiny model with padding: logits and gate gradients of the fused, chunked and flex kernels equal the
+    dense reference, soft and with eviction (right padding: the fused kernel's causal path; left: the model's mask)."""
     model = fresh_model(tiny_tokenizer, architecture)
     attach_gates(model, intermediate_size=16, bias_init=2.0)
     torch.manual_seed(1)
@@ -143,30 +180,35 @@ def test_gated_models_train_alike_with_every_kernel(tiny_tokenizer, architecture
     for name, parameter in model.named_parameters():  # as the trainer has it: the gates train, the model is frozen
         parameter.requires_grad_("retention_gate" in name)
     ids = torch.randint(3, 250, (2, 37))
-    mask = torch.ones_like(ids)
-    mask[1, 30:] = 0
+    right = torch.ones_like(ids)
+    right[1, 30:] = 0
+    left = right.flip(-1)
 
-    def run(kernel, memory):
+    def run(kernel, memory, mask):
         set_training_kernel(model, kernel, chunk=8)
         train_with_eviction(model, memory)
         model.zero_grad()
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         (logits[mask.bool()].float() ** 2).mean().backward()
-        return logits.detach(), [g.down.weight.grad.clone() for g in gates_of(model)]
+        return logits.detach()[mask.bool()], [g.down.weight.grad.clone() for g in gates_of(model)]
 
-    for memory in (None, 6):
-        reference, reference_grads = run("dense", memory)
-        logits, grads = run("chunked", memory)
-        torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
-        for grad, expected in zip(grads, reference_grads):
-            torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+    for memory, mask in ((None, right), (6, right), (None, left), (6, left)):
+        reference, reference_grads = run("dense", memory, mask)
+        for kernel in ("fused", "chunked"):
+            logits, grads = run(kernel, memory, mask)
+            torch.testing.assert_close(logits, reference, atol=1e-5, rtol=1e-5)
+            for grad, expected in zip(grads, reference_grads):
+                torch.testing.assert_close(grad, expected, atol=1e-5, rtol=1e-4)
+        set_training_kernel(model, "dense")
+        with torch.no_grad():
+            reference = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # every row
         set_training_kernel(model, "flex")  # forward only: FlexAttention has no backward on CPU
         with torch.no_grad():
             torch.testing.assert_close(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, reference,
                                        atol=1e-5, rtol=1e-5)
         with pytest.raises(ValueError, match="'flex' training attention needs CUDA"):
             model(input_ids=ids, attention_mask=mask, use_cache=False)
-    with pytest.raises(ValueError, match="training kernel must be one of chunked, flex, dense"):
+    with pytest.raises(ValueError, match="training kernel must be one of fused, chunked, flex, dense"):
         set_training_kernel(model, "sparse")
 
 
@@ -192,6 +234,16 @@ def test_capacity_loss_chunks_agree_and_have_gradients():
     whole = capacity_loss(log_beta, 8, chunk_size=1000)
     chunked = capacity_loss(log_beta, 8, chunk_size=7)
     assert torch.allclose(whole, chunked, atol=1e-6)
+    # The factored sums (row steps of ~sqrt(chunk)) against the definition, in float64, with padding.
+    valid = torch.ones(2, 50, dtype=torch.bool)
+    valid[1, 41:] = False
+    age = torch.arange(50)[:, None] - torch.arange(50)[None]  # [t, i]
+    terms = torch.exp(age.clamp(min=0) * log_beta.detach().double()[..., None, :]) * ((age >= 0) & valid[:, None, None])
+    retained = terms.sum(-1)  # S_t, [B, H, T]
+    excess = ((retained - 8) / (torch.arange(50) - 8).clamp(min=1)).clamp(min=0) * valid[:, None]
+    expected = excess.sum() / (excess > 0).sum()
+    for chunk in (1, 7, 16, 49, 1000):
+        assert capacity_loss(log_beta, 8, chunk_size=chunk, valid=valid).item() == pytest.approx(expected.item(), rel=1e-5)
     chunked.backward()
     assert torch.isfinite(log_beta.grad).all() and log_beta.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="memory_size"):
@@ -225,7 +277,8 @@ def test_gate_off_forward_equals_the_base_model(tiny_tokenizer, architecture):
     with gates_disabled(model):
         assert torch.equal(model(input_ids=ids, attention_mask=mask, use_cache=False).logits, reference)
     on = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    assert torch.allclose(on, reference, atol=1e-4)  # beta ~ 1 at init: almost no decay
+    real = mask.bool()  # (padding rows: the fused kernel lets trailing padding see more keys; they carry nothing)
+    assert torch.allclose(on[real], reference[real], atol=1e-4)  # beta ~ 1 at init: almost no decay
     assert collected_log_beta(model).shape == (2, model.config.num_hidden_layers * model.config.num_key_value_heads, 17)
     for gate in gates_of(model):  # a strong decay changes the output
         torch.nn.init.constant_(gate.bias, -2.0)

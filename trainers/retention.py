@@ -46,7 +46,8 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
     gate_intermediate_size: int = field(default=512, metadata={"help": "Hidden width of each gate's MLP."})
     gate_bias_init: float = field(default=18.0, metadata={"help": "Initial gate bias: beta ~ sigmoid(18) ~ 1."})
     train_lora: bool = field(default=False, metadata={"help": "Also train LoRA adapters, if the model has them."})
-    capacity_chunk_size: int = field(default=256, metadata={"help": "Query rows per chunk of the capacity loss."})
+    capacity_chunk_size: int = field(default=1024, metadata={"help": "Query rows per chunk of the capacity loss "
+                                                                    "(memory ~ 2 sqrt(chunk) x T per head)."})
     init_gates: str | None = field(
         default=None,
         metadata={"help": "A gate export (gates.safetensors + gates.json) to start from instead of fresh gates, e.g. "
@@ -59,12 +60,13 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
                           "that a RetentionCache would keep, gradients through the soft bias (straight-through)."},
     )
     training_attention: str = field(
-        default="chunked",
-        metadata={"help": "How the gated attention is computed in training (same result): 'chunked' (query rows in "
-                          "blocks, memory linear in the length; any device), 'flex' (FlexAttention, the bias as a "
-                          "score_mod, compiled; CUDA only: FlexAttention has no backward pass on CPU), 'dense' (the whole "
-                          "[B, H, T, T] bias: "
-                          "the reference, memory quadratic in the length)."},
+        default="fused",
+        metadata={"help": "How the gated attention is computed in training (same result up to rounding): 'fused' (the "
+                          "bias folded into two extra head dimensions of one sdpa call: fused kernels, memory linear "
+                          "in the length; any device), 'chunked' (query rows in blocks, explicit fp32 attention; any "
+                          "device), 'flex' (FlexAttention, the bias as a score_mod, compiled; CUDA only: FlexAttention "
+                          "has no backward pass on CPU), 'dense' (the whole [B, H, T, T] bias: the reference, memory "
+                          "quadratic in the length)."},
     )
     retention_map_steps: int = field(
         default=0,
@@ -77,7 +79,8 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
                                         "retention_map_steps."},
     )
     training_attention_chunk: int = field(default=128, metadata={"help": "Query rows per block of the chunked "
-                                                                          "attention (and of the eviction thresholds)."})
+                                                                          "attention and of train_with_eviction's "
+                                                                          "evicted forward."})
 
     def __post_init__(self):
         super().__post_init__()
