@@ -44,9 +44,9 @@ from common import (REPO, environment, environment_lines, finish, pyplot, run_re
                     training_step_cost)
 
 TASKS = {"mqar": REPO / "data/tasks/mqar/test.jsonl", "needle-qa": REPO / "data/tasks/needle-qa/test.jsonl",
-         # mqar at twice the training context (256 words, 8 pairs), made by the project's generator, seed 7: the
-         # rows of `tokensieve data make mqar --seed 7 --context_words 256 --num_pairs 8`
-         "mqar-256": ("mqar", 500, 7, {"context_words": 256, "num_pairs": 8})}
+         # mqar with 256-word contexts, 8 pairs: `tokensieve data make mqar --out data/tasks/mqar-256 --n 1000
+         # --seed 7 --context_words 256 --num_pairs 8` (data/tasks/mqar-256/meta.json)
+         "mqar-256": REPO / "data/tasks/mqar-256/test.jsonl"}
 MQAR_TRAIN = REPO / "data/tasks/mqar/train.jsonl"
 POLICIES = ["gates", "streaming", "h2o", "snapkv", "knorm", "random"]
 SOFT_ROW = "gates, soft stage only"
@@ -75,15 +75,8 @@ def budget_sizes(fraction: float, context: float) -> tuple[int, int]:
 
 
 def read_rows(source, n: int | None) -> list[dict]:
-    """Test rows from a JSONL file, or made by a synthetic task's generator: (task, rows, seed, options)."""
-    if isinstance(source, tuple):
-        from tokensieve.data.synthetic import TASKS as GENERATORS
-        from tokensieve.data.synthetic import build_options, split_seed
-
-        task, count, seed, options = source  # as `tokensieve data make TASK --seed SEED --OPTION VALUE` writes them
-        rows = GENERATORS[task].generate("test", count, split_seed(seed, "test"), build_options(task, options))
-    else:
-        rows = [json.loads(line) for line in Path(source).open()]
+    """The first `n` rows (all if None) of a JSONL file."""
+    rows = [json.loads(line) for line in Path(source).open()]
     return rows[:n] if n else rows
 
 

@@ -548,7 +548,7 @@ def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, r
         "--per_device_train_batch_size", "4", "--gate_intermediate_size", "8"])
     run_training(recipe)
     config = json.loads((out / "gates.json").read_text())
-    assert config["memory_size"] == 32 and config["base_model_name_or_path"] == str(base)
+    assert config["memory_size"] == 22 and config["base_model_name_or_path"] == str(base)
     assert not (out / "model.safetensors").exists()  # the frozen base is not copied
     assert main(["generate", str(out), "--prompt", "record 3 : key k3 maps to", "--memory-size", "4",
                  "--buffer-size", "2", "--max-new-tokens", "5"]) == 0
@@ -561,7 +561,7 @@ def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, r
     assert main(["eval", str(out), "--data", str(data), "--max-examples", "8", "--output", str(result)]) == 0
     scores = json.loads(result.read_text())["results"][str(data)]
     assert scores["examples"] == 8
-    assert (scores["memory_size"], scores["buffer_size"], scores["policy"]) == (32, 8, "gates")
+    assert (scores["memory_size"], scores["buffer_size"], scores["policy"]) == (22, 8, "gates")
     assert main(["eval", str(base), "--data", str(data), "--memory-size", "4", "--policy", "streaming",
                  "--output", str(result)]) == 0
     assert json.loads(result.read_text())["results"][str(data)]["memory_size"] == 4
