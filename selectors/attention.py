@@ -132,9 +132,10 @@ def _eviction_threshold(bias: torch.Tensor, memory: int) -> torch.Tensor | None:
 
 
 def _block_attention(query, key, value, log_beta, allowed, start: int, scaling: float, dropout: float,
-                     memory: int | None) -> torch.Tensor:
+                     memory: int | None, kept_only: bool = False) -> torch.Tensor:
     """One block of query rows of the gated attention, in fp32. query [B, H_kv, groups, rows, d] (a kv head's query
-    heads side by side), key / value [B, H_kv, end, d], log_beta [B, H_kv, >= end] -> [B, H_kv, groups, rows, d]."""
+    heads side by side), key / value [B, H_kv, end, d], log_beta [B, H_kv, >= end] -> [B, H_kv, groups, rows, d].
+    kept_only: with `memory`, only the attention over the kept keys (no soft output to pass a gradient through)."""
     bias = _block_bias(log_beta, allowed, start, query.shape[3])
     scores = torch.matmul(query, key[:, :, None].transpose(-1, -2)) * scaling  # [B, H_kv, groups, rows, end]
 
@@ -144,8 +145,10 @@ def _block_attention(query, key, value, log_beta, allowed, start: int, scaling: 
             probs = F.dropout(probs, p=dropout)
         return torch.matmul(probs, value[:, :, None])
 
-    output = attend(bias)
     threshold = _eviction_threshold(bias, memory) if memory is not None else None
+    if kept_only:
+        return attend(bias if threshold is None else bias.masked_fill(bias < threshold, -math.inf))
+    output = attend(bias)
     if threshold is not None:
         # Straight-through eviction: the forward value is attention over the kept keys only (as at inference), the
         # gradient is the soft bias's (an evicted token still learns whether it should have stayed).
@@ -154,11 +157,13 @@ def _block_attention(query, key, value, log_beta, allowed, start: int, scaling: 
 
 
 def chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float = 0.0,
-                            memory: int | None = None, chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+                            memory: int | None = None, chunk: int = DEFAULT_CHUNK,
+                            kept_only: bool = False) -> torch.Tensor:
     """softmax(q k / sqrt(d) + (t - i) log beta_i) v without a [T, T] tensor: query rows in blocks of `chunk`, each
     block's bias built, used and (under autograd) rebuilt in the backward pass by activation checkpointing, so
     memory is O(T x chunk) per head. fp32 whatever the inputs' dtype; `memory`: also evict as a RetentionCache
-    would (straight-through). query [B, H, T, d], key / value [B, H_kv, T, d] -> [B, H, T, d] (fp32)."""
+    would (straight-through; `kept_only`: the attention over the kept keys alone, for the fused kernel's forward
+    value). query [B, H, T, d], key / value [B, H_kv, T, d] -> [B, H, T, d] (fp32)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     grouped = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
@@ -169,36 +174,11 @@ def chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling
         end = min(start + chunk, length)
         allowed = attention_mask[:, :, start:end, :end] if attention_mask is not None else None
         inputs = (grouped[:, :, :, start:end], key[:, :, :end], value[:, :, :end], log_beta[:, :, :end], allowed)
-        options = {"start": start, "scaling": scaling, "dropout": dropout, "memory": memory}
+        options = {"start": start, "scaling": scaling, "dropout": dropout, "memory": memory, "kept_only": kept_only}
         if checkpointed:
             blocks.append(checkpoint(_block_attention, *inputs, use_reentrant=False, **options))
         else:
             blocks.append(_block_attention(*inputs, **options))
-    return torch.cat(blocks, dim=3).view(batch, heads, length, dim)
-
-
-def _evicted_attention(query, key, value, attention_mask, log_beta, scaling: float, dropout: float, memory: int,
-                       chunk: int) -> torch.Tensor:
-    """Forward only (no gradient): attention over the keys a RetentionCache of `memory` keys keeps, with the bias,
-    a block of `chunk` query rows at a time. Same shapes and dtype as chunked_gated_attention."""
-    batch, heads, length, dim = query.shape
-    kv_heads = key.shape[1]
-    grouped = query.float().view(batch, kv_heads, heads // kv_heads, length, dim)
-    key, value, log_beta = key.float(), value.float(), log_beta.float()
-    blocks = []
-    with torch.no_grad():
-        for start in range(0, length, chunk):
-            end = min(start + chunk, length)
-            allowed = attention_mask[:, :, start:end, :end] if attention_mask is not None else None
-            bias = _block_bias(log_beta, allowed, start, end - start)
-            threshold = _eviction_threshold(bias, memory)
-            if threshold is not None:
-                bias = bias.masked_fill(bias < threshold, -math.inf)
-            scores = torch.matmul(grouped[:, :, :, start:end], key[:, :, None, :end].transpose(-1, -2)) * scaling
-            probs = (scores + bias[:, :, None]).softmax(dim=-1)
-            if dropout:
-                probs = F.dropout(probs, p=dropout)
-            blocks.append(torch.matmul(probs, value[:, :, None, :end]))
     return torch.cat(blocks, dim=3).view(batch, heads, length, dim)
 
 
@@ -227,7 +207,8 @@ def fused_gated_attention(query, key, value, attention_mask, log_beta, scaling: 
     1e-7 |(t - c) log beta_i| (they come first in the dot product, so the diagonal's bias is exactly 0). Memory O(T):
     no score matrix is kept. A mask other than causal-with-trailing-padding (left padding, packed rows) is passed to
     sdpa as it is (slower kernels). `memory`: the forward value of the attention over the kept keys
-    (`_evicted_attention`, blocks of `chunk` rows, no gradient), the gradient the soft bias's (straight-through).
+    (`chunked_gated_attention(kept_only=True)`, blocks of `chunk` rows, no gradient), the gradient the soft bias's
+    (straight-through).
     query [B, H, T, d], key / value [B, H_kv, T, d] -> [B, H, T, d] (fp32)."""
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
@@ -248,7 +229,9 @@ def fused_gated_attention(query, key, value, attention_mask, log_beta, scaling: 
     output = F.scaled_dot_product_attention(folded_query, folded_key, folded_value, dropout_p=dropout, scale=1.0,
                                             **gqa, **masking)[..., extra:]
     if memory is not None and memory < length:
-        evicted = _evicted_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory, chunk)
+        with torch.no_grad():  # the forward value only: blocks of `chunk` rows, no backward pass
+            evicted = chunked_gated_attention(query, key, value, attention_mask, log_beta, scaling, dropout, memory,
+                                              chunk, kept_only=True)
         output = output + (evicted - output).detach()
     return output
 
