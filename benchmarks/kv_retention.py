@@ -6,6 +6,7 @@
     python benchmarks/kv_retention.py training-lengths [--lengths 512 1024 2048 4096]
     python benchmarks/kv_retention.py kernels [--lengths 512 1024 2048 4096]
     python benchmarks/kv_retention.py slots --gates EXPORT [--budgets 0.1 0.25]
+    python benchmarks/kv_retention.py robustness [--learning-rates 2.5e-3 5e-3 1e-2] [--max-steps 1200 2400 4800]
 
 accuracy: gates are trained on the base with recipes/tiny/trim_kv.yaml and fine-tuned with eviction by
 recipes/tiny/trim_kv_evict.yaml (unless --gates names an export; the soft stage alone is a row of its own), then
@@ -21,6 +22,10 @@ needle-qa needle / fact / question) holds at answer time, per layer and kv head,
 and a retention map PNG of the first row.
 training-lengths: step time and step memory of gate training (fused, chunked and dense attention, soft and with
 eviction; --arms) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
+robustness: the soft stage of recipes/tiny/trim_kv.yaml for every learning rate x max_steps (one seed), each
+export scored by `tokensieve eval` on mqar-256 at 22 + 4 slots (10%), mqar and needle-qa at 32 + 8; a cell fails
+when its needle-qa is more than 0.02 below the best cell's. Cells run in --workers parallel processes (threads
+split between them); a cell whose scores are already in --out is not run again.
 kernels: the training attention kernels (fused, chunked, dense, and plain causal sdpa) and the capacity loss
 (factored, and by its definition) on raw tensors: time of forward + backward and error against the reference.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
@@ -558,6 +563,100 @@ def slots(args) -> None:
     finish(out, "slots", lines)
 
 
+# (task, M, buffer) each robustness cell is scored at: 10% of a 256-word mqar prompt; needle-qa needs a slot per fact
+ROBUSTNESS_EVALS = [("mqar-256", 22, 4), ("mqar", 32, 8), ("needle-qa", 32, 8)]
+ROBUSTNESS_TOLERANCE = 0.02
+
+
+def robustness_cell(args, learning_rate: str, steps: int, threads: int) -> dict:
+    """Train one cell's soft gates with the tiny recipe and score them; the scores of an earlier run are reused."""
+    import subprocess
+    import sys
+
+    out = Path(args.out)
+    name = f"lr{learning_rate}_s{steps}"
+    export = out / name
+    scores = {task: out / f"{name}.{task}.json" for task, _, _ in ROBUSTNESS_EVALS}
+    cli = [sys.executable, "-m", "tokensieve"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    commands = []
+    if not all(path.exists() for path in scores.values()):
+        commands.append(cli + ["train", str(REPO / "recipes/tiny/trim_kv.yaml"), "--model.name_or_path", args.base,
+                               "--training.output_dir", str(export), "--learning_rate", learning_rate,
+                               "--max_steps", str(steps), "--seed", str(args.seed), "--report_to", "none",
+                               "--save_strategy", "no", "--resume_from_checkpoint", "false",
+                               "--retention_map_steps", "0"])
+        for task, memory, buffer in ROBUSTNESS_EVALS:
+            commands.append(cli + ["eval", str(export), "--data", str(TASKS[task]), "--memory-size", str(memory),
+                                   "--buffer-size", str(buffer), "--output", str(scores[task])]
+                            + (["--max-examples", str(args.test_examples)] if args.test_examples else []))
+    start = time.perf_counter()
+    with (out / f"{name}.log").open("a") as log:
+        for command in commands:
+            log.write(" ".join(command) + "\n")
+            log.flush()
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                raise SystemExit(f"robustness cell {name} failed: {' '.join(command)} (log: {out / f'{name}.log'})")
+    if commands:
+        print(f"[robustness] {name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return {task: next(iter(json.loads(path.read_text())["results"].values()))["exact_match"]
+            for task, path in scores.items()}
+
+
+def robustness(args) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tokensieve.launch.evaluate import evaluate_files
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [(lr, steps) for lr in args.learning_rates for steps in args.max_steps]
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    with ThreadPoolExecutor(args.workers) as pool:
+        found = dict(zip(cells, pool.map(lambda cell: robustness_cell(args, *cell, threads), cells)))
+    full_path = out / "full_cache.json"
+    if not full_path.exists():
+        evaluate_files(args.base, [str(TASKS[task]) for task, _, _ in ROBUSTNESS_EVALS],
+                       max_examples=args.test_examples, output=str(full_path))
+    full = {task: json.loads(full_path.read_text())["results"][str(TASKS[task])]["exact_match"]
+            for task, _, _ in ROBUSTNESS_EVALS}
+    best = max(scores["needle-qa"] for scores in found.values())
+    results = {"environment": environment([args.seed]), "evals": ROBUSTNESS_EVALS, "full_cache": full, "best_needle_qa": best,
+               "cells": [{"learning_rate": lr, "max_steps": steps, **found[lr, steps],
+                          "fails": found[lr, steps]["needle-qa"] < best - ROBUSTNESS_TOLERANCE} for lr, steps in cells]}
+    (out / "robustness.json").write_text(json.dumps(results, indent=2) + "\n")
+    settings = ", ".join(f"{task} at {memory} + {buffer}" for task, memory, buffer in ROBUSTNESS_EVALS)
+    lines = ["# Soft gate training across learning rates and steps", ""] + environment_lines(results["environment"]) + [
+        f"`recipes/tiny/trim_kv.yaml` (soft stage) with `--learning_rate LR --max_steps N`, seed {args.seed}; each "
+        f"export scored by `tokensieve eval EXPORT --data FILE --memory-size M --buffer-size B` ({settings}; "
+        f"{args.test_examples or 'all'} test rows). Full cache: {', '.join(f'{t} {v:.3f}' for t, v in full.items())}. "
+        f"Marked *: needle-qa more than {ROBUSTNESS_TOLERANCE} below the best cell ({best:.3f}).", ""]
+    for task, memory, buffer in ROBUSTNESS_EVALS:
+        lines += [f"**{task}, M = {memory} + {buffer}**", "",
+                  "| learning rate | " + " | ".join(f"{n} steps" for n in args.max_steps) + " |",
+                  "|---|" + "---|" * len(args.max_steps)]
+        for lr in args.learning_rates:
+            marks = [f"{found[lr, n][task]:.3f}" + (" *" if task == "needle-qa" and found[lr, n]["needle-qa"]
+                                                     < best - ROBUSTNESS_TOLERANCE else "") for n in args.max_steps]
+            lines.append(f"| {lr} | " + " | ".join(marks) + " |")
+        lines.append("")
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(ROBUSTNESS_EVALS), figsize=(3.6 * len(ROBUSTNESS_EVALS), 3.2))
+    for axis, (task, memory, buffer) in zip(axes, ROBUSTNESS_EVALS):
+        grid = [[found[lr, n][task] for n in args.max_steps] for lr in args.learning_rates]
+        axis.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for row, lr in enumerate(args.learning_rates):
+            for column, n in enumerate(args.max_steps):
+                axis.text(column, row, f"{grid[row][column]:.3f}", ha="center", va="center", fontsize=8,
+                          color="white" if grid[row][column] < 0.6 else "black")
+        axis.set_xticks(range(len(args.max_steps)), [str(n) for n in args.max_steps])
+        axis.set_yticks(range(len(args.learning_rates)), args.learning_rates)
+        axis.set_xlabel("max_steps")
+        axis.set_ylabel("learning rate")
+        axis.set_title(f"{task}, {memory} + {buffer}", fontsize=9)
+    finish(out, "robustness", lines, figure)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -593,17 +692,24 @@ def main() -> None:
     n.add_argument("--arms", nargs="+", default=[arm for arm in LENGTH_ARMS if arm != "lora_sft"],
                    choices=[arm for arm in LENGTH_ARMS if arm != "lora_sft"], help="gate arms beside LoRA SFT")
     n.add_argument("--one", default=None, choices=sorted(LENGTH_ARMS), help=argparse.SUPPRESS)
-    for sub in (a, i, t, s_, n, k):
+    r = commands.add_parser("robustness")
+    r.add_argument("--learning-rates", nargs="+", default=["2.5e-3", "5e-3", "1e-2"])
+    r.add_argument("--max-steps", nargs="+", type=int, default=[1200, 2400, 4800])
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--workers", type=int, default=2, help="cells trained at once (the CPU threads split between them)")
+    r.add_argument("--test-examples", type=int, default=None)
+    for sub in (a, i, t, s_, n, k, r):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
         sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")
         sub.add_argument("--train-steps", type=int, default=None, help="gate training steps (default: the recipe's)")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/kv_retention"))
+    r.set_defaults(out=str(REPO / "outputs/bench/kv_retention/robustness"))
     args = parser.parse_args()
     if args.command == "training-lengths" and args.one:  # one measurement, in a process of its own
         print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk)))
         return
     {"accuracy": accuracy, "inference": inference, "training": training, "slots": slots,
-     "training-lengths": training_lengths, "kernels": kernels}[args.command](args)
+     "training-lengths": training_lengths, "kernels": kernels, "robustness": robustness}[args.command](args)
 
 
 if __name__ == "__main__":
