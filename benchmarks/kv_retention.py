@@ -25,7 +25,7 @@ eviction; --arms) vs a LoRA SFT step, one row of T tokens for each --lengths, ea
 robustness: the soft stage of recipes/tiny/trim_kv.yaml for every learning rate x max_steps (one seed), each
 export scored by `tokensieve eval` on mqar-256 at 22 + 4 slots (10%), mqar and needle-qa at 32 + 8; a cell fails
 when its needle-qa is more than 0.02 below the best cell's. Cells run in --workers parallel processes (threads
-split between them); a cell whose scores are already in --out is not run again.
+split between them); a cell whose scores are already in --out is not run again (so keep one --out per base).
 kernels: the training attention kernels (fused, chunked, dense, and plain causal sdpa) and the capacity loss
 (factored, and by its definition) on raw tensors: time of forward + backward and error against the reference.
 Each writes a markdown table, a JSON of raw numbers and a PNG into --out (default outputs/bench/kv_retention).
@@ -574,7 +574,7 @@ def robustness_cell(args, learning_rate: str, steps: int, threads: int) -> dict:
     import sys
 
     out = Path(args.out)
-    name = f"lr{learning_rate}_s{steps}"
+    name = f"lr{learning_rate}_s{steps}_seed{args.seed}"
     export = out / name
     scores = {task: out / f"{name}.{task}.json" for task, _, _ in ROBUSTNESS_EVALS}
     cli = [sys.executable, "-m", "tokensieve"]
@@ -590,14 +590,14 @@ def robustness_cell(args, learning_rate: str, steps: int, threads: int) -> dict:
             commands.append(cli + ["eval", str(export), "--data", str(TASKS[task]), "--memory-size", str(memory),
                                    "--buffer-size", str(buffer), "--output", str(scores[task])]
                             + (["--max-examples", str(args.test_examples)] if args.test_examples else []))
-    start = time.perf_counter()
-    with (out / f"{name}.log").open("a") as log:
-        for command in commands:
-            log.write(" ".join(command) + "\n")
-            log.flush()
-            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                raise SystemExit(f"robustness cell {name} failed: {' '.join(command)} (log: {out / f'{name}.log'})")
     if commands:
+        start = time.perf_counter()
+        with (out / f"{name}.log").open("a") as log:
+            for command in commands:
+                log.write(" ".join(command) + "\n")
+                log.flush()
+                if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                    raise SystemExit(f"robustness cell {name} failed: {' '.join(command)} (log: {out / f'{name}.log'})")
         print(f"[robustness] {name}: {time.perf_counter() - start:.0f} s", flush=True)
     return {task: next(iter(json.loads(path.read_text())["results"].values()))["exact_match"]
             for task, path in scores.items()}
