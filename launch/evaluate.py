@@ -25,23 +25,33 @@ from tokensieve.errors import ModelError
 from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
 
 
+METRICS = ("exact", "contains")
+CONTAINS_SLACK = 8  # tokens generated past the answer's length when the answer only has to appear
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
-                max_new_tokens: int | None = None, desc: str = "generate", make_cache=None) -> tuple[float, list[str]]:
-    """Share of prompts whose greedy continuation starts with the answer's tokens; also the predictions.
+                max_new_tokens: int | None = None, desc: str = "generate", make_cache=None,
+                metrics: list[str] | None = None) -> tuple[float, list[str]]:
+    """Share of prompts answered right by greedy generation; also the predictions.
 
-    Each prediction is the generated text cut at the answer's token count (or at `max_new_tokens`).
-    `make_cache`: a function returning a fresh RetentionCache per batch for bounded-memory generation (the prompt
-    is then prefilled in chunks, see `tokensieve.launch.generate.bounded_generate`).
+    A row's metric (default "exact"): "exact", the first generated tokens are the answer's tokens (generation is cut
+    at the answer's token count, or at `max_new_tokens`); "contains", the answer (stripped) appears in the text
+    generated for the answer's token count + CONTAINS_SLACK tokens (or `max_new_tokens`).
+    `make_cache`: a function returning a fresh RetentionCache per batch for bounded-memory generation (the
+    prompt is then prefilled in chunks, see `tokensieve.launch.generate.bounded_generate`).
     """
+    metrics = list(metrics) if metrics is not None else ["exact"] * len(prompts)
     tokenizer.padding_side = "left"
     predictions, correct = [], 0
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         batch_prompts = prompts[start : start + batch_size]
+        batch_metrics = metrics[start : start + batch_size]
         answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
-        budget = max_new_tokens or max(len(ids) for ids in answer_ids)
+        lengths = [max_new_tokens or len(ids) + (CONTAINS_SLACK if metric == "contains" else 0)
+                   for ids, metric in zip(answer_ids, batch_metrics)]
         inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
-        options = dict(max_new_tokens=budget, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        options = dict(max_new_tokens=max(lengths), do_sample=False, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id)
         if make_cache is None:
             output = model.generate(**inputs, **options)
@@ -49,11 +59,46 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
             from tokensieve.launch.generate import bounded_generate
 
             output = bounded_generate(model, inputs["input_ids"], inputs["attention_mask"], make_cache(), **options)
-        for generated, ids in zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids):
+        rows = zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids, batch_metrics, lengths,
+                   answers[start : start + batch_size])
+        for generated, ids, metric, length, answer in rows:
+            if metric == "contains":
+                text = tokenizer.decode(generated[:length], skip_special_tokens=True)
+                correct += answer.strip() in text
+                predictions.append(text)
+                continue
             correct += generated[: len(ids)] == ids
             shown = generated if max_new_tokens else generated[: len(ids)]
             predictions.append(tokenizer.decode(shown, skip_special_tokens=True))
     return correct / max(len(prompts), 1), predictions
+
+
+@torch.no_grad()
+def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, make_cache=None,
+               desc: str = "perplexity") -> tuple[float, int]:
+    """(perplexity, tokens scored) of `texts`: exp of the mean next-token loss over every token after the first.
+
+    With `make_cache` (a function returning a fresh RetentionCache) the text is read in chunks of the cache's buffer size
+    through the bounded cache, each chunk predicted from what the cache kept: what a bounded cache costs the language
+    model. Without it, one forward pass over the whole text.
+    """
+    tokenizer.padding_side = "left"
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False):
+        inputs = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True).to(model.device)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        if make_cache is None:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        else:
+            from tokensieve.launch.generate import bounded_logits
+
+            logits = bounded_logits(model, ids, mask, make_cache())
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:],
+                                                   reduction="none")
+        scored = mask[:, :-1].bool() & mask[:, 1:].bool()
+        total += losses[scored].sum().item()
+        count += int(scored.sum())
+    return float(torch.exp(torch.tensor(total / max(count, 1)))), count
 
 
 @torch.no_grad()
@@ -91,42 +136,91 @@ def _load_rows(path: str, max_examples: int | None):
 
 def evaluate_files(model_path: str, files: list[str], max_examples: int | None = None, batch_size: int = 64,
                    max_new_tokens: int | None = None, output: str | None = None, memory_size: int | None = None,
-                   buffer_size: int | None = None, policy: str = "gates") -> dict[str, dict]:
-    """Exact match of the model at `model_path` on each prompt/completion file; optionally saved as JSON.
+                   buffer_size: int | None = None, policy: str = "gates",
+                   memory_ratio: float | None = None) -> dict[str, dict]:
+    """Score the model at `model_path` on each file; optionally save the numbers as JSON.
 
-    A retention-gate export, or any model with `memory_size`, generates from a bounded RetentionCache holding at
-    most memory_size + buffer_size tokens per layer and kv head (defaults: the export's gates.json).
+    Prompt/completion files: the share of rows answered right, by each row's `metric` column ("exact" when absent;
+    see `exact_match`). Text files: perplexity. A retention-gate export, or any model with `memory_size` or
+    `memory_ratio`, reads from a bounded RetentionCache holding at most memory_size + buffer_size tokens per layer and
+    kv head (defaults: the export's gates.json); `memory_ratio` sets them per file from its mean length in tokens
+    (M = ratio x length, buffer M / 4, as the benchmarks count a budget).
     """
     from tokensieve.launch.export import GATES_CONFIG
 
-    bounded = memory_size is not None or os.path.isfile(os.path.join(model_path, GATES_CONFIG))
-    setting = {}
+    if memory_ratio is not None and not 0 < memory_ratio <= 1:
+        raise ModelError(f"--memory-ratio must be in (0, 1], got {memory_ratio}")
+    if memory_ratio is not None and memory_size is not None:
+        raise ModelError("give --memory-size or --memory-ratio, not both")
+    bounded = memory_size is not None or memory_ratio is not None or os.path.isfile(os.path.join(model_path,
+                                                                                                 GATES_CONFIG))
+    config = {}
     if bounded:
         from tokensieve.launch.generate import load_for_generation
-        from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_sizes
+        from tokensieve.selectors.kv_cache import POLICIES
 
         if policy not in POLICIES:
             raise ModelError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         model, tokenizer, config = load_for_generation(model_path, policy)
-        memory_size, buffer_size = cache_sizes(config, memory_size, buffer_size)
-        setting = {"memory_size": memory_size, "buffer_size": buffer_size, "policy": policy}
-
-        def make_cache():
-            return RetentionCache.for_model(model, memory_size, buffer_size, policy)
     else:
         model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=model_path))
         model.eval()
-        make_cache = None
     results = {}
     for path in files:
         rows = _load_rows(path, max_examples)
+        texts = rows["text"] if "prompt" not in rows.column_names else None
+        make_cache, setting, shown = None, {}, ""
+        if bounded:
+            make_cache, setting = _bounded_cache(model, tokenizer, config, texts or rows["prompt"], memory_size,
+                                                 buffer_size, policy, memory_ratio)
+            shown = f" (KV cache: {setting['memory_size']} + {setting['buffer_size']} tokens, {policy})"
+        name = os.path.basename(path)
+        if texts is not None:
+            value, tokens = perplexity(model, tokenizer, texts, batch_size=min(batch_size, 8), make_cache=make_cache,
+                                       desc=name)
+            results[path] = {"perplexity": value, "examples": len(rows), "tokens": tokens, **setting}
+            print(f"{path}: perplexity {value:.3f} on {len(rows)} texts ({tokens} tokens){shown}", flush=True)
+            continue
+        metrics = rows["metric"] if "metric" in rows.column_names else ["exact"] * len(rows)
+        unknown = sorted(set(metrics) - set(METRICS))
+        if unknown:
+            raise ModelError(f"{path}: column 'metric' has {unknown}; expected one of {', '.join(METRICS)}")
         score, _ = exact_match(model, tokenizer, rows["prompt"], rows["completion"], batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, desc=os.path.basename(path), make_cache=make_cache)
-        results[path] = {"exact_match": score, "examples": len(rows), **setting}
-        cache = f" (KV cache: {memory_size} + {buffer_size} tokens, {policy})" if bounded else ""
-        print(f"{path}: exact match {score:.4f} on {len(rows)} examples{cache}", flush=True)
+                               max_new_tokens=max_new_tokens, desc=name, make_cache=make_cache, metrics=metrics)
+        key, label = _score_name(set(metrics))
+        results[path] = {key: score, "examples": len(rows), **setting}
+        print(f"{path}: {label} {score:.4f} on {len(rows)} examples{shown}", flush=True)
     _write_results(output, model_path, results)
     return results
+
+
+def _score_name(metrics: set[str]) -> tuple[str, str]:
+    """(JSON key, printed name) of a file's score: exact match, answer contained, or a mix of both."""
+    if metrics <= {"exact"}:
+        return "exact_match", "exact match"
+    if metrics == {"contains"}:
+        return "contains", "answer contained"
+    return "score", "score (exact match or answer contained, per row)"
+
+
+def _bounded_cache(model, tokenizer, config: dict, texts: list[str], memory_size, buffer_size, policy: str,
+                   memory_ratio: float | None):
+    """(make_cache, setting) for one file: the sizes given, the export's, or a share of the file's mean length."""
+    from tokensieve.selectors.kv_cache import RetentionCache, budget_sizes, cache_sizes
+
+    setting = {"policy": policy}
+    if memory_ratio is not None:
+        mean_length = sum(len(ids) for ids in tokenizer(list(texts))["input_ids"]) / max(len(texts), 1)
+        memory_size, ratio_buffer = budget_sizes(memory_ratio, mean_length)
+        buffer_size = buffer_size if buffer_size is not None else ratio_buffer
+        setting.update(memory_ratio=memory_ratio, mean_tokens=round(mean_length, 1))
+    memory_size, buffer_size = cache_sizes(config, memory_size, buffer_size)
+    setting.update(memory_size=memory_size, buffer_size=buffer_size)
+
+    def make_cache():
+        return RetentionCache.for_model(model, memory_size, buffer_size, policy)
+
+    return make_cache, setting
 
 
 def evaluate_selector_files(export_path: str, files: list[str], max_examples: int | None = None, batch_size: int = 64,

@@ -28,6 +28,21 @@ def bounded_generate(model, input_ids, attention_mask, cache: RetentionCache, ch
     return model.generate(input_ids=input_ids, attention_mask=attention_mask, **with_cache(model, cache), **generate_kwargs)
 
 
+@torch.no_grad()
+def bounded_logits(model, input_ids, attention_mask, cache: RetentionCache, chunk_size: int | None = None):
+    """Logits [B, T, V] of every position when the sequence is read in chunks of `chunk_size` (default: the cache's
+    buffer size) through `cache`: each chunk sees only what the cache kept of the tokens before it."""
+    chunk_size = chunk_size or cache.buffer_size
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = []
+    for start in range(0, input_ids.shape[1], chunk_size):
+        end = min(start + chunk_size, input_ids.shape[1])
+        output = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                       position_ids=positions[:, start:end], use_cache=True, **with_cache(model, cache))
+        logits.append(output.logits)
+    return torch.cat(logits, dim=1)
+
+
 def load_for_generation(path: str, policy: str):
     """A gates export (gates.json present) loads with its gates; any other model loads plainly (baseline policies)."""
     import os

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading: a hub name, a local folder, or a small model built from scratch."""
+"""Model and tokenizer loading: a hub name, a local folder, a GGUF file, or a small model built from scratch."""
 
 import json
 from dataclasses import dataclass, field
@@ -72,6 +72,11 @@ class ModelArguments:
         default=None, metadata={"help": "Hub model name (org/name) or local folder. Leave empty with from_scratch."}
     )
     revision: str | None = field(default=None, metadata={"help": "Hub branch, tag or commit to load."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "A GGUF file name inside name_or_path, or a path to a .gguf file; dequantized to the dtype "
+                  "on load (needs the gguf package). name_or_path may also point at the .gguf file itself."},
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = field(
         default=None, metadata={"help": "Weight dtype at load time; None keeps float32, 'auto' uses the checkpoint's."}
     )
@@ -91,8 +96,8 @@ class ModelArguments:
     def __post_init__(self):
         if isinstance(self.from_scratch, dict):
             self.from_scratch = FromScratchArguments(**self.from_scratch)
-        if (self.name_or_path is None) == (self.from_scratch is None):
-            raise ValueError("set exactly one of model.name_or_path and model.from_scratch")
+        if (self.name_or_path is None and self.gguf_file is None) == (self.from_scratch is None):
+            raise ValueError("set exactly one of model.name_or_path and model.from_scratch (or a model.gguf_file path)")
 
 
 def _local_or_hub(name: str, what: str) -> str:
@@ -106,8 +111,59 @@ def _local_or_hub(name: str, what: str) -> str:
     return name
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Load a tokenizer from a hub name or folder; give it a pad token (eos) when it has none."""
+GGUF_INSTALL_HINT = 'pip install -e ".[real]" or bash install.sh --real'
+
+
+def resolve_gguf(name_or_path: str | None, gguf_file: str | None) -> tuple[str, str] | None:
+    """(folder, file name) of the GGUF checkpoint that `name_or_path` / `gguf_file` name, or None when they name none.
+
+    `gguf_file` is a name inside `name_or_path`, or a path of its own; `name_or_path` may be the .gguf file itself.
+    A local file that is not there is a ModelError; a hub repository is left for transformers to download from.
+    """
+    if gguf_file is None and not (name_or_path or "").endswith(".gguf"):
+        return None
+    if gguf_file and name_or_path and not Path(name_or_path).expanduser().exists():
+        _local_or_hub(name_or_path, "model")  # a missing local folder is an error here; a hub name passes
+        return name_or_path, gguf_file  # a GGUF file in a hub repository: transformers downloads it
+    path = Path(name_or_path or ".").expanduser() / gguf_file if gguf_file else Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise ModelError(f"GGUF file not found: {path}")
+    return str(path.parent), path.name
+
+
+def _require_gguf() -> None:
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise ModelError(f"loading a GGUF file needs the gguf package: {GGUF_INSTALL_HINT}") from None
+
+
+def _gguf_error(folder: str, name: str, error: Exception) -> ModelError:
+    """A one-line error for a GGUF file transformers cannot read, naming the architecture the file states."""
+    path = Path(folder) / name
+    try:
+        from gguf import GGUFReader
+
+        field = GGUFReader(path).fields["general.architecture"]
+        architecture = repr(bytes(field.parts[field.data[0]]).decode("utf-8"))
+    except Exception:  # noqa: BLE001  (the file itself may be unreadable: still report transformers' error)
+        architecture = "unknown"
+    return ModelError(f"cannot load GGUF file {path} (architecture {architecture}): {_first_line(error)}")
+
+
+def load_tokenizer(name_or_path: str | None, revision: str | None = None, trust_remote_code: bool = False,
+                   gguf_file: str | None = None):
+    """Load a tokenizer from a hub name, a folder or a GGUF file; give it a pad token (eos) when it has none."""
+    gguf = resolve_gguf(name_or_path, gguf_file)
+    if gguf is not None:
+        _require_gguf()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf[0], gguf_file=gguf[1], revision=revision)
+        except (OSError, ValueError, KeyError, NotImplementedError) as error:
+            raise _gguf_error(*gguf, error) from error
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     source = _local_or_hub(name_or_path, "tokenizer")
     # AutoTokenizer swaps in the model type's own class for some types (qwen2 -> Qwen2Tokenizer, which rebuilds
     # the pre-tokenizer); a tokenizer saved as the generic backend (ours) must load as exactly what was saved.
@@ -177,23 +233,54 @@ def load_model_and_tokenizer(
                                                  attn_implementation=model_args.attn_implementation)
         return model, tokenizer
 
-    source = _local_or_hub(model_args.name_or_path, "model")
+    gguf = resolve_gguf(model_args.name_or_path, model_args.gguf_file)
+    if gguf is not None:
+        model = _load_gguf_model(*gguf, model_args, dtype)
+    else:
+        source = _local_or_hub(model_args.name_or_path, "model")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                source,
+                revision=model_args.revision,
+                dtype=dtype,
+                attn_implementation=model_args.attn_implementation,
+                trust_remote_code=model_args.trust_remote_code,
+            )
+        except (OSError, ValueError) as error:
+            raise ModelError(f"cannot load model {model_args.name_or_path!r}: {_first_line(error)}") from error
+    if model_args.tokenizer_name_or_path:
+        tokenizer = load_tokenizer(model_args.tokenizer_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    else:
+        tokenizer = load_tokenizer(model_args.name_or_path, revision=model_args.revision,
+                                   trust_remote_code=model_args.trust_remote_code, gguf_file=model_args.gguf_file)
+    if gguf is not None and tokenizer.model_max_length > model.config.max_position_embeddings:
+        # A GGUF records the context length only as the model's, so its tokenizer would truncate nothing.
+        tokenizer.model_max_length = model.config.max_position_embeddings
+    return model, tokenizer
+
+
+def _load_gguf_model(folder: str, name: str, model_args: ModelArguments, dtype) -> PreTrainedModel:
+    """Load a GGUF checkpoint dequantized to `dtype` (float32 when None) as a plain model.
+
+    GgufConfig(dequantize=True) makes transformers drop the GGUF quantizer once the weights are unpacked; with the
+    default (weights kept quantized where a kernel allows, and the model marked quantized even when none does)
+    Trainer refuses to train the model and save_pretrained refuses to save it.
+    """
+    from transformers import GgufConfig
+
+    _require_gguf()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
+        return AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
             revision=model_args.revision,
-            dtype=dtype,
+            dtype=torch.float32 if dtype is None else dtype,
+            quantization_config=GgufConfig(dequantize=True),
             attn_implementation=model_args.attn_implementation,
             trust_remote_code=model_args.trust_remote_code,
         )
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load model {model_args.name_or_path!r}: {_first_line(error)}") from error
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.name_or_path,
-        revision=None if model_args.tokenizer_name_or_path else model_args.revision,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    return model, tokenizer
+    except (OSError, ValueError, KeyError, NotImplementedError) as error:
+        raise _gguf_error(folder, name, error) from error
 
 
 def apply_peft(model: PreTrainedModel, lora_kwargs: dict):

@@ -396,7 +396,7 @@ def test_trainer_trains_only_the_gates_and_logs(tiny_tokenizer, tmp_path):
     assert trainer.gates_at_start and all("retention_gate" in n for n in trainer.gates_at_start)
     assert all(not torch.equal(after[n], p) for n, p in trainer.gates_at_start.items() if n.endswith("bias"))
     logs = [e for e in trainer.state.log_history if "capacity_loss" in e]
-    for key in ("ce", "kl", "retained_over_memory", "beta_mean", "forgotten_fraction", "beta_mean_layer0"):
+    for key in ("ce", "kl", "retained_over_memory", "beta_mean", "forgotten_fraction", "beta_mean_layer_min"):
         assert key in logs[0], key
     assert logs[0]["capacity_loss"] > 0  # bias 2 -> beta 0.88 keeps ~8 tokens > M = 4
 

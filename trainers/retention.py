@@ -30,6 +30,7 @@ from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
 from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, SmallModuleTrainer, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
+from tokensieve.trainers.layer_metrics import LayerMetrics
 
 
 @dataclass
@@ -106,7 +107,7 @@ EOS_PROBABILITY_FLOOR = 0.05  # below it, the teacher cannot produce the end-of-
 logger = logging.get_logger(__name__)
 
 
-class RetentionTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFTTrainer):
+class RetentionTrainer(LayerMetrics, SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFTTrainer):
     """Trains TRIM-KV retention gates on a frozen model (see the module docstring)."""
 
     _tag_names = ["trl", "sft", "tokensieve", "trim-kv"]
@@ -225,9 +226,8 @@ class RetentionTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFTTrai
         }
         per_layer = beta.masked_fill(~valid, 0).view(beta.shape[0], layers, -1, beta.shape[-1])
         per_layer = per_layer.sum(dim=(0, 2, 3)) / valid.view_as(per_layer).sum(dim=(0, 2, 3)).clamp(min=1)
-        for index, value in enumerate(per_layer):
-            stats[f"beta_mean_layer{index}"] = value
         self.log_means(mode, stats)
+        self.log_layer_means(mode, "beta_mean", per_layer)  # the console shows its min and max, W&B every layer
 
     # --- export ----------------------------------------------------------------------------------------------------
 

@@ -27,6 +27,11 @@ _TASK_MODULES = {
     "needle-qa": "tokensieve.data.synthetic.needle_qa",
     "conditioned": "tokensieve.data.synthetic.conditioned",
     "induction": "tokensieve.data.synthetic.induction",
+    # Real English prose (the shipped corpus, data/text), measured in a given tokenizer's tokens.
+    "passkey": "tokensieve.data.real.passkey",
+    "named-keys": "tokensieve.data.real.named_keys",
+    "facts": "tokensieve.data.real.facts",
+    "lm-text": "tokensieve.data.real.lm_text",
 }
 
 
@@ -113,8 +118,9 @@ def split_sizes(task: str, n: int | None = None) -> dict[str, int]:
     return {split: n if split == "train" else min(size, n) for split, size in defaults.items()}
 
 
-def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, **options) -> dict[str, Path]:
-    """Generate `task` and write `<out_dir>/<split>.jsonl` for each split plus `<out_dir>/meta.json`.
+def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, splits: list[str] | None = None,
+              **options) -> dict[str, Path]:
+    """Generate `task` and write `<out_dir>/<split>.jsonl` for each split (or only `splits`) plus `<out_dir>/meta.json`.
 
     Each file is written under a temporary name and renamed into place, so a reader never sees half a file. Returns the
     written paths keyed by split name, plus "meta".
@@ -122,6 +128,11 @@ def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, **options
     module = TASKS[task]
     config = build_options(task, options)
     sizes = split_sizes(task, n)
+    if splits is not None:
+        unknown = sorted(set(splits) - set(sizes))
+        if unknown or not splits:
+            raise TokensieveError(f"task {task!r}: unknown split(s) {unknown}; its splits are {sorted(sizes)}.")
+        sizes = {split: size for split, size in sizes.items() if split in splits}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = {}
@@ -135,10 +146,12 @@ def make_task(task: str, out_dir, n: int | None = None, seed: int = 0, **options
         "n": n,
         "options": dataclasses.asdict(config),
         "counts": sizes,
+        "splits": splits,
         "default_counts": dict(module.SPLITS),
         "command": f"tokensieve data make {task} --out {out_dir.as_posix()}"
         + (f" --n {n}" if n is not None else "")
         + f" --seed {seed}"
+        + (f" --splits {','.join(sizes)}" if splits is not None else "")
         + "".join(f" --{name} {value}" for name, value in options.items()),
     }
     written["meta"] = _write_atomic(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
