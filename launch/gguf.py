@@ -11,12 +11,11 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 from tokensieve.errors import ModelError
+from tokensieve.files import replace_atomically
 from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
 
 SOURCE_FILE = "tokensieve_source.json"
@@ -54,18 +53,14 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ModelError(f"output folder {out_dir} exists and is not empty (pass --overwrite to replace it)")
     model, tokenizer = load_model_and_tokenizer(ModelArguments(gguf_file=str(gguf_path), dtype=dtype))
-    partial = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)  # left by a run of the same pid that was killed
-    partial.mkdir(parents=True)
-    try:
-        model.save_pretrained(partial)
-        tokenizer.save_pretrained(partial)
-        source = _source_record(gguf_path, dtype, package)
-        (partial / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(partial, out_dir)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    source = _source_record(gguf_path, dtype, package)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        (folder / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n", encoding="utf-8")
+
+    replace_atomically(out_dir, write)
     return out_dir
 
 
@@ -83,19 +78,6 @@ def _source_record(gguf_path: Path, dtype: str, package: PackagedModel | None) -
         "transformers_version": importlib.metadata.version("transformers"),
         "gguf_version": importlib.metadata.version("gguf"),
     }
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    """Rename the finished folder to `out_dir`; an old `out_dir` is moved aside first and removed last."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        out_dir.rename(old)
-    partial.rename(out_dir)
-    if old is not None and old.is_dir():
-        shutil.rmtree(old)
-    elif old is not None:
-        old.unlink()
 
 
 def packaged_gguf_path(name: str) -> Path:

@@ -274,6 +274,30 @@ def _wandb_without_login(t, tok):
     return ["train", str(recipe(t, training={"report_to": ["wandb"]}))], env
 
 
+def _gguf_missing(t, tok):
+    return ["model", "convert", str(t / "absent.gguf"), "--out", str(t / "out")]
+
+
+def _prepare_unknown(t, tok):
+    return ["model", "prepare", "gpt5"]
+
+
+def _real_task_without_tokenizer(t, tok):
+    return ["data", "make", "passkey", "--out", str(t / "x")]
+
+
+def _eval_unknown_metric(t, tok):
+    model = tiny_model_dir(t, tok, "model")
+    data = write_jsonl(t / "test.jsonl", [{"prompt": "what is k1 ?", "completion": " v1", "metric": "fuzzy"}])
+    return ["eval", str(model), "--data", str(data)]
+
+
+def _eval_size_and_ratio(t, tok):
+    data = write_jsonl(t / "test.jsonl", ROWS[:2])
+    return ["eval", str(tiny_model_dir(t, tok, "model")), "--data", str(data), "--memory-size", "8",
+            "--memory-ratio", "0.1", "--policy", "streaming"]
+
+
 CASES = [
     ("recipe-unknown-section", _unknown_section, r"unknown key 'extras'"),
     ("recipe-unknown-key", _unknown_training_key, r"training\.learnin_rate.*learning_rate"),
@@ -315,6 +339,11 @@ CASES = [
     ("resume-folder-missing", _resume_folder_missing, r"no-checkpoint"),
     ("curate-unknown-scorer", _curate_bad_scorer, r"curate: scorer must be one of"),
     ("report-to-wandb-without-login", _wandb_without_login, r"report_to includes wandb, but W&B cannot log in"),
+    ("gguf-file-missing", _gguf_missing, r"GGUF file not found: .*absent\.gguf"),
+    ("prepare-unknown-model", _prepare_unknown, r"unknown packaged model 'gpt5'"),
+    ("data-make-real-task-without-tokenizer", _real_task_without_tokenizer, r"passkey.*needs --tokenizer DIR"),
+    ("eval-unknown-metric", _eval_unknown_metric, r"test\.jsonl: column 'metric' has \['fuzzy'\]"),
+    ("eval-memory-size-and-ratio", _eval_size_and_ratio, r"--memory-size or --memory-ratio, not both"),
 ]
 
 

