@@ -76,25 +76,26 @@ def filler(rng: random.Random, split: str, options: RealTextOptions, tokens: int
     documents = list(_paragraphs(options.corpus, split))
     order = list(range(len(documents)))
     rng.shuffle(order)
-    first = documents[order[0]][1]
-    start = rng.randrange(len(first))
+    start = rng.randrange(len(documents[order[0]][1]))
+    # Each paragraph at most once: the first document from `start`, the others whole, then the first one's beginning.
+    stream = [(documents[order[0]][0], p) for p in documents[order[0]][1][start:]]
+    stream += [(documents[i][0], p) for i in order[1:] for p in documents[i][1]]
+    stream += [(documents[order[0]][0], p) for p in documents[order[0]][1][:start]]
     chosen, used, count = [], [], 0
-    for turn, index in enumerate(order * 50):
-        doc_id, paragraphs = documents[index]
-        for paragraph in paragraphs[start if turn == 0 else 0:]:
-            if any(a in paragraph for a in avoid):
-                continue
-            length = len(tokenizer(paragraph, add_special_tokens=False)["input_ids"]) + 1
-            if count + length > tokens:
-                words = paragraph.split(" ")
-                keep = max(1, int(len(words) * (tokens - count) / length))
-                if tokens - count > 8:
-                    chosen.append(" ".join(words[:keep]).rstrip(",;:") + ".")
-                    used.append(doc_id)
-                return chosen, sorted(set(used))
-            chosen.append(paragraph)
-            used.append(doc_id)
-            count += length
+    for doc_id, paragraph in stream:
+        if any(a in paragraph for a in avoid):
+            continue
+        length = len(tokenizer(paragraph, add_special_tokens=False)["input_ids"]) + 1
+        if count + length > tokens:
+            words = paragraph.split(" ")
+            keep = max(1, int(len(words) * (tokens - count) / length))
+            if tokens - count > 8:
+                chosen.append(" ".join(words[:keep]).rstrip(",;:") + ".")
+                used.append(doc_id)
+            return chosen, sorted(set(used))
+        chosen.append(paragraph)
+        used.append(doc_id)
+        count += length
     raise DataError(f"corpus split {split!r} holds fewer than {tokens} tokens of prose")
 
 
