@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from tokensieve.errors import ModelError
+from tokensieve.selectors.attention import attach_cache_attention
 from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_sizes
 from tokensieve.upstream import with_cache
 
@@ -57,6 +58,7 @@ def load_for_generation(path: str, policy: str):
         raise ModelError(f"{path}: no {GATES_CONFIG}: policy 'gates' needs a retention-gate export "
                          f"(or choose one of {', '.join(p for p in POLICIES if p != 'gates')})")
     model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=path))
+    attach_cache_attention(model)  # the cache's own attention: padding, evicted columns, h2o/snapkv's probabilities
     return model.eval(), tokenizer, {}
 
 

@@ -384,7 +384,7 @@ def _gate_hook(module, args, kwargs):
     state.cache_layer = state.log_beta = None
     if cache is not None and not isinstance(cache, RetentionCache):
         return None  # another cache: the original attention, the gate is not needed
-    gate = module._modules["retention_gate"] if state.enabled else None
+    gate = module._modules.get("retention_gate") if state.enabled else None  # none: attach_cache_attention
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if cache is not None:
         # The cache runs the gate when it next evicts, once for all the tokens added since (decoding runs no gate).
@@ -423,17 +423,32 @@ def attach_gates(model: nn.Module, intermediate_size: int = 512, bias_init: floa
     return gates
 
 
+def attach_cache_attention(model: nn.Module) -> None:
+    """Switch a model without gates to the retention attention, so that a RetentionCache works as designed with any
+    heuristic policy: padding is tracked, evicted columns are masked by the cache's own validity, and h2o / snapkv
+    see the attention probabilities they score by. (With the model's own attention the cache still evicts, but those
+    two policies then see no attention at all and rank every token alike, and left padding is not tracked.)"""
+    original = attn_implementation(model) or "sdpa"
+    if original == ATTENTION_NAME:
+        return  # gates, or this, already attached
+    for attention in attention_modules(model):
+        state = attention.retention_state = RetentionState(original)
+        state.hook = attention.register_forward_pre_hook(_gate_hook, with_kwargs=True)
+    model.set_attn_implementation(ATTENTION_NAME)
+
+
 def detach_gates(model: nn.Module) -> None:
-    """Remove the gates and restore the original attention implementation."""
+    """Remove the gates (or what attach_cache_attention attached) and restore the original attention implementation."""
     original = None
     for attention in attention_modules(model):
-        if not hasattr(attention, "retention_gate"):
+        state = retention_state(attention)
+        if state is None:
             continue
-        state = attention.retention_state
         del attention.retention_state
         state.hook.remove()
         original = state.fallback
-        del attention.retention_gate
+        if hasattr(attention, "retention_gate"):
+            del attention.retention_gate
     if original is not None:
         model.set_attn_implementation(original)
 

@@ -689,3 +689,36 @@ def test_trainer_logs_the_retention_map_to_wandb(tiny_tokenizer, tmp_path, monke
     assert len(logged) == 2, list(tmp_path.rglob("*"))[:50]
     with pytest.raises(ValueError, match="retention_map_data must be a JSONL file"):
         RetentionConfig(output_dir=str(tmp_path), retention_map_steps=5, use_cpu=True, bf16=False)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_a_model_without_gates_runs_the_cache_with_its_own_attention(tiny_tokenizer, tmp_path, policy):
+    """`load_for_generation` on a plain model (the baseline policies of `tokensieve eval/generate`): the retention
+    attention is attached without gates, so h2o / snapkv see attention probabilities (with the model's own attention
+    they saw none and ranked every token alike) and a left-padded batch answers as each row alone."""
+    from tokensieve.launch.generate import bounded_generate, load_for_generation
+    from tokensieve.selectors.attention import ATTENTION_NAME, detach_gates
+
+    folder = tmp_path / "plain"
+    fresh_model(tiny_tokenizer).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    model, _, config = load_for_generation(str(folder), policy)
+    assert config == {} and model.config._attn_implementation == ATTENTION_NAME
+    torch.manual_seed(0)
+    rows = [torch.randint(3, 250, (n,)) for n in (40, 33)]
+    padded = torch.stack([torch.cat([torch.zeros(40 - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(40 - len(r)), torch.ones(len(r))]).long() for r in rows])
+
+    def generate(ids, attention_mask):
+        cache = RetentionCache.for_model(model, memory_size=10, buffer_size=4, policy=policy)
+        out = bounded_generate(model, ids, attention_mask, cache, max_new_tokens=5, do_sample=False)
+        return out[:, ids.shape[1]:], cache
+
+    batched, cache = generate(padded, mask)
+    for index, row in enumerate(rows):
+        alone, _ = generate(row[None], torch.ones(1, len(row), dtype=torch.long))
+        assert torch.equal(batched[index], alone[0]), (policy, index)
+    if policy in ("h2o", "snapkv"):
+        assert all((layer.scores_seen > 0).any() for layer in cache.layers)
+    detach_gates(model)
+    assert model.config._attn_implementation != ATTENTION_NAME
