@@ -45,6 +45,8 @@ def cache_sizes(config: dict, memory_size: int | None, buffer_size: int | None) 
     memory = memory_size if memory_size is not None else config.get("memory_size")
     buffer = buffer_size if buffer_size is not None else config.get("buffer_size", DEFAULT_BUFFER)
     return memory, buffer
+
+
 def budget_sizes(fraction: float, length: float) -> tuple[int, int]:
     """(M, buffer) of a budget given as a share of a prompt length in tokens: M = share x length, buffer = M / 4."""
     memory = max(1, round(fraction * length))
