@@ -23,8 +23,9 @@ and a retention map PNG of the first row.
 training-lengths: step time and step memory of gate training (fused, chunked and dense attention, soft and with
 eviction; --arms) vs a LoRA SFT step, one row of T tokens for each --lengths, each measurement in a fresh process.
 robustness: the soft stage of recipes/tiny/trim_kv.yaml for every learning rate x max_steps (one seed), each
-export scored by `tokensieve eval` on mqar-256 at 22 + 4 slots (10%), mqar and needle-qa at 32 + 8; a cell fails
-when its needle-qa is more than 0.02 below the best cell's. Cells run in --workers parallel processes (threads
+export scored by `tokensieve eval` on mqar-256 at 22 + 4 slots (10%), mqar at 32 + 8 and needle-qa at 32, 48 and
+64 + 8, with plain and with decayed cache attention (--attention); a cell fails when its needle-qa at 32 + 8 is more
+than 0.02 below the best cell's. Cells run in --workers parallel processes (threads
 split between them); a cell whose scores are already in --out is not run again (so keep one --out per base).
 kernels: the training attention kernels (fused, chunked, dense, and plain causal sdpa) and the capacity loss
 (factored, and by its definition) on raw tensors: time of forward + backward and error against the reference.
@@ -558,33 +559,45 @@ def slots(args) -> None:
     finish(out, "slots", lines)
 
 
-# (task, M, buffer) each robustness cell is scored at: 10% of a 256-word mqar prompt; needle-qa needs a slot per fact
-ROBUSTNESS_EVALS = [("mqar-256", 22, 4), ("mqar", 32, 8), ("needle-qa", 32, 8)]
+# (task, M, buffer) each robustness cell is scored at: 10% of a 256-word mqar prompt; needle-qa needs a slot per fact,
+# and at 48 and 64 + 8 it shows whether a larger cache than the training budget (M = 22) answers at least as well
+ROBUSTNESS_EVALS = [("mqar-256", 22, 4), ("mqar", 32, 8), ("needle-qa", 32, 8), ("needle-qa", 48, 8),
+                    ("needle-qa", 64, 8)]
 ROBUSTNESS_TOLERANCE = 0.02
+ROBUSTNESS_KEY = "needle-qa@32"  # the score a cell passes or fails on
+
+
+def _eval_key(task: str, memory: int) -> str:
+    return f"{task}@{memory}"
 
 
 def robustness_cell(args, learning_rate: str, steps: int, threads: int) -> dict:
-    """Train one cell's soft gates with the tiny recipe and score them; the scores of an earlier run are reused."""
+    """Train one cell's soft gates with the tiny recipe and score them under each --attention; the scores of an
+    earlier run are reused. Returns {attention: {task@M: score}}."""
     import subprocess
     import sys
 
     out = Path(args.out)
     name = f"lr{learning_rate}_s{steps}_seed{args.seed}"
     export = out / name
-    scores = {task: out / f"{name}.{task}.json" for task, _, _ in ROBUSTNESS_EVALS}
+    scores = {(attention, _eval_key(task, memory)): out / f"{name}.{task}-{memory}.{attention}.json"
+              for attention in args.attention for task, memory, _ in ROBUSTNESS_EVALS}
     cli = [sys.executable, "-m", "tokensieve"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     commands = []
-    if not all(path.exists() for path in scores.values()):
+    if not (export / "gates.json").exists():
         commands.append(cli + ["train", str(REPO / "recipes/tiny/trim_kv.yaml"), "--model.name_or_path", args.base,
                                "--training.output_dir", str(export), "--learning_rate", learning_rate,
                                "--max_steps", str(steps), "--seed", str(args.seed), "--report_to", "none",
                                "--save_strategy", "no", "--resume_from_checkpoint", "false",
                                "--retention_map_steps", "0"])
+    for attention in args.attention:
         for task, memory, buffer in ROBUSTNESS_EVALS:
-            commands.append(cli + ["eval", str(export), "--data", str(TASKS[task]), "--memory-size", str(memory),
-                                   "--buffer-size", str(buffer), "--output", str(scores[task])]
-                            + (["--max-examples", str(args.test_examples)] if args.test_examples else []))
+            path = scores[attention, _eval_key(task, memory)]
+            if not path.exists():
+                commands.append(cli + ["eval", str(export), "--data", str(TASKS[task]), "--memory-size", str(memory),
+                                       "--buffer-size", str(buffer), "--attention", attention, "--output", str(path)]
+                                + (["--max-examples", str(args.test_examples)] if args.test_examples else []))
     if commands:
         start = time.perf_counter()
         with (out / f"{name}.log").open("a") as log:
@@ -594,8 +607,16 @@ def robustness_cell(args, learning_rate: str, steps: int, threads: int) -> dict:
                 if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
                     raise SystemExit(f"robustness cell {name} failed: {' '.join(command)} (log: {out / f'{name}.log'})")
         print(f"[robustness] {name}: {time.perf_counter() - start:.0f} s", flush=True)
-    return {task: next(iter(json.loads(path.read_text())["results"].values()))["exact_match"]
-            for task, path in scores.items()}
+    found = {attention: {} for attention in args.attention}
+    for (attention, key), path in scores.items():
+        found[attention][key] = next(iter(json.loads(path.read_text())["results"].values()))["exact_match"]
+    return found
+
+
+def _monotone(scores: dict) -> bool:
+    """needle-qa never answers worse with a larger cache (scores are counts / rows: a margin for their rounding)."""
+    series = [scores[_eval_key(task, memory)] for task, memory, _ in ROBUSTNESS_EVALS if task == "needle-qa"]
+    return all(later >= earlier - 1e-9 for earlier, later in zip(series, series[1:]))
 
 
 def robustness(args) -> None:
@@ -610,51 +631,65 @@ def robustness(args) -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         found = dict(zip(cells, pool.map(lambda cell: robustness_cell(args, *cell, threads), cells)))
     full_path = out / "full_cache.json"
+    tasks = sorted({task for task, _, _ in ROBUSTNESS_EVALS})
     if not full_path.exists():
-        evaluate_files(args.base, [str(TASKS[task]) for task, _, _ in ROBUSTNESS_EVALS],
-                       max_examples=args.test_examples, output=str(full_path))
-    full = {task: json.loads(full_path.read_text())["results"][str(TASKS[task])]["exact_match"]
-            for task, _, _ in ROBUSTNESS_EVALS}
-    best = max(scores["needle-qa"] for scores in found.values())
+        evaluate_files(args.base, [str(TASKS[task]) for task in tasks], max_examples=args.test_examples,
+                       output=str(full_path))
+    full = {task: json.loads(full_path.read_text())["results"][str(TASKS[task])]["exact_match"] for task in tasks}
+    best = {attention: max(found[cell][attention][ROBUSTNESS_KEY] for cell in cells) for attention in args.attention}
 
-    def fails(lr, steps):  # scores are counts / rows: compare with a margin for their float rounding
-        return best - found[lr, steps]["needle-qa"] > ROBUSTNESS_TOLERANCE + 1e-9
+    def fails(attention, cell):
+        return best[attention] - found[cell][attention][ROBUSTNESS_KEY] > ROBUSTNESS_TOLERANCE + 1e-9
 
     results = {"environment": environment([args.seed]), "evals": ROBUSTNESS_EVALS, "full_cache": full,
                "best_needle_qa": best, "workers": args.workers, "threads_per_cell": threads,
-               "cells": [{"learning_rate": lr, "max_steps": steps, **found[lr, steps],
-                          "fails": fails(lr, steps)} for lr, steps in cells]}
+               "cells": [{"learning_rate": lr, "max_steps": steps, "attention": attention,
+                          **found[lr, steps][attention], "fails": fails(attention, (lr, steps)),
+                          "monotone": _monotone(found[lr, steps][attention])}
+                         for lr, steps in cells for attention in args.attention]}
     (out / "robustness.json").write_text(json.dumps(results, indent=2) + "\n")
     settings = ", ".join(f"{task} at {memory} + {buffer}" for task, memory, buffer in ROBUSTNESS_EVALS)
     lines = ["# Soft gate training across learning rates and steps", ""] + environment_lines(results["environment"]) + [
-        f"`recipes/tiny/trim_kv.yaml` (soft stage) with `--learning_rate LR --max_steps N`, seed {args.seed}; each "
-        f"export scored by `tokensieve eval EXPORT --data FILE --memory-size M --buffer-size B` ({settings}; "
-        f"{args.test_examples or 'all'} test rows); {args.workers} cells at a time, {threads} torch thread(s) each. "
-        f"Full cache: {', '.join(f'{t} {v:.3f}' for t, v in full.items())}. "
-        f"Marked *: needle-qa more than {ROBUSTNESS_TOLERANCE} below the best cell ({best:.3f}).", ""]
-    for task, memory, buffer in ROBUSTNESS_EVALS:
-        lines += [f"**{task}, M = {memory} + {buffer}**", "",
-                  "| learning rate | " + " | ".join(f"{n} steps" for n in args.max_steps) + " |",
-                  "|---|" + "---|" * len(args.max_steps)]
-        for lr in args.learning_rates:
-            marks = [f"{found[lr, n][task]:.3f}" + (" *" if task == "needle-qa" and fails(lr, n) else "")
-                     for n in args.max_steps]
-            lines.append(f"| {lr} | " + " | ".join(marks) + " |")
+        f"`recipes/tiny/trim_kv.yaml` (soft stage, training budget M = 22) with `--learning_rate LR --max_steps N`, "
+        f"seed {args.seed}; each export scored by `tokensieve eval EXPORT --data FILE --memory-size M --buffer-size B "
+        f"--attention A` ({settings}; {args.test_examples or 'all'} test rows) with the cache's attention plain (as "
+        f"in the paper) or decayed (the training bias on the kept tokens); {args.workers} cells at a time, {threads} "
+        f"torch thread(s) each. Full cache: {', '.join(f'{t} {v:.3f}' for t, v in full.items())}. Marked *: "
+        f"needle-qa at 32 + 8 more than {ROBUSTNESS_TOLERANCE} below the best cell of that attention; marked v: "
+        f"needle-qa falls somewhere from 32 to 48 to 64 + 8.", ""]
+    for attention in args.attention:
+        passing = sum(not fails(attention, cell) for cell in cells)
+        monotone = sum(_monotone(found[cell][attention]) for cell in cells)
+        lines += [f"**attention {attention}**: {passing} of {len(cells)} cells within {ROBUSTNESS_TOLERANCE} of the "
+                  f"best needle-qa at 32 + 8 ({best[attention]:.3f}); needle-qa non-decreasing from 32 to 64 + 8 in "
+                  f"{monotone} of {len(cells)}.", "",
+                  "| learning rate, steps | " + " | ".join(f"{t} {m} + {b}" for t, m, b in ROBUSTNESS_EVALS) + " |",
+                  "|---|" + "---|" * len(ROBUSTNESS_EVALS)]
+        for cell in cells:
+            scores = found[cell][attention]
+            marks = [f"{scores[_eval_key(t, m)]:.3f}" + (" *" if _eval_key(t, m) == ROBUSTNESS_KEY
+                                                          and fails(attention, cell) else "")
+                     for t, m, _ in ROBUSTNESS_EVALS]
+            flag = "" if _monotone(scores) else " v"
+            lines.append(f"| {cell[0]}, {cell[1]}{flag} | " + " | ".join(marks) + " |")
         lines.append("")
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(ROBUSTNESS_EVALS), figsize=(3.6 * len(ROBUSTNESS_EVALS), 3.2))
-    for axis, (task, memory, buffer) in zip(axes, ROBUSTNESS_EVALS):
-        grid = [[found[lr, n][task] for n in args.max_steps] for lr in args.learning_rates]
+    figure, axes = plt.subplots(1, len(args.attention), figsize=(4.2 * len(args.attention), 3.4), squeeze=False)
+    for axis, attention in zip(axes[0], args.attention):
+        grid = [[found[lr, n][attention][ROBUSTNESS_KEY] for n in args.max_steps] for lr in args.learning_rates]
         axis.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for row, lr in enumerate(args.learning_rates):
             for column, n in enumerate(args.max_steps):
-                axis.text(column, row, f"{grid[row][column]:.3f}", ha="center", va="center", fontsize=8,
+                scores = found[lr, n][attention]
+                series = " / ".join(f"{scores[_eval_key('needle-qa', m)]:.2f}" for t, m, _ in ROBUSTNESS_EVALS
+                                    if t == "needle-qa")
+                axis.text(column, row, series, ha="center", va="center", fontsize=6,
                           color="white" if grid[row][column] < 0.6 else "black")
         axis.set_xticks(range(len(args.max_steps)), [str(n) for n in args.max_steps])
         axis.set_yticks(range(len(args.learning_rates)), args.learning_rates)
         axis.set_xlabel("max_steps")
         axis.set_ylabel("learning rate")
-        axis.set_title(f"{task}, {memory} + {buffer}", fontsize=9)
+        axis.set_title(f"needle-qa at 32 / 48 / 64 + 8, attention {attention}", fontsize=8)
     finish(out, "robustness", lines, figure)
 
 
@@ -699,6 +734,8 @@ def main() -> None:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--workers", type=int, default=2, help="cells trained at once (the CPU threads split between them)")
     r.add_argument("--test-examples", type=int, default=None)
+    r.add_argument("--attention", nargs="+", default=["plain", "decayed"], choices=["plain", "decayed"],
+                   help="how the gates' cache attends to what it kept, each scored on the same exports")
     for sub in (a, i, t, s_, n, k, r):
         sub.add_argument("--base", default=str(REPO / "outputs/base/tiny_recall"))
         sub.add_argument("--gates", default=None, help="a gates export (default: train both stages into --out/gates and --out/gates_evict)")

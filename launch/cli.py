@@ -59,7 +59,7 @@ def _cmd_generate(args) -> int:
     if not prompts:
         raise TokensieveError("generate: give --prompt TEXT or --prompt-file FILE")
     for result in generate_text(args.model, prompts, args.memory_size, args.buffer_size, args.policy,
-                                args.max_new_tokens):
+                                args.max_new_tokens, args.attention):
         print(result["completion"])
         print(f"[{result['tokens_seen']} tokens seen, {result['kv_tokens_kept']} kept per layer and kv head, "
               f"{result['kv_bytes']} KV bytes]", file=sys.stderr)
@@ -99,7 +99,8 @@ def _cmd_eval(args) -> int:
         return 0
     evaluate_files(args.model, args.data, max_examples=args.max_examples, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, output=args.output, memory_size=args.memory_size,
-                   buffer_size=args.buffer_size, policy=args.policy, memory_ratio=args.memory_ratio)
+                   buffer_size=args.buffer_size, policy=args.policy, memory_ratio=args.memory_ratio,
+                   attention=args.attention)
     return 0
 
 
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: the export's; none = full cache)")
     generate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
     generate.add_argument("--policy", default="gates", help="gates, streaming, h2o, snapkv, knorm or random")
+    generate.add_argument("--attention", default=None, choices=["plain", "decayed"],
+                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed (the training bias "
+                          "(t - pos) log beta; not in the paper); default: the export's gates.json")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: keep the "
                           "context tokens the selector picks, then answer")
@@ -232,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
     evaluate.add_argument("--policy", default="gates", help="eviction policy: gates, streaming, h2o, snapkv, knorm "
                           "or random")
+    evaluate.add_argument("--attention", default=None, choices=["plain", "decayed"],
+                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed (the training bias "
+                          "(t - pos) log beta; not in the paper); default: the export's gates.json")
     evaluate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: answer from "
                           "the context tokens it keeps (prompts are cut at the query separator)")
     evaluate.add_argument("--keep", type=int, default=None, help="with --selector: keep exactly N context tokens")

@@ -137,14 +137,15 @@ def _load_rows(path: str, max_examples: int | None):
 def evaluate_files(model_path: str, files: list[str], max_examples: int | None = None, batch_size: int = 64,
                    max_new_tokens: int | None = None, output: str | None = None, memory_size: int | None = None,
                    buffer_size: int | None = None, policy: str = "gates",
-                   memory_ratio: float | None = None) -> dict[str, dict]:
+                   memory_ratio: float | None = None, attention: str | None = None) -> dict[str, dict]:
     """Score the model at `model_path` on each file; optionally save the numbers as JSON.
 
     Prompt/completion files: the share of rows answered right, by each row's `metric` column ("exact" when absent;
     see `exact_match`). Text files: perplexity. A retention-gate export, or any model with `memory_size` or
     `memory_ratio`, reads from a bounded RetentionCache holding at most memory_size + buffer_size tokens per layer and
     kv head (defaults: the export's gates.json); `memory_ratio` sets them per file from its mean length in tokens
-    (M = ratio x length, buffer M / 4, as the benchmarks count a budget).
+    (M = ratio x length, buffer M / 4, as the benchmarks count a budget). `attention`: "plain" or "decayed" for
+    the gates' cache (default: the export's).
     """
     from tokensieve.launch.export import GATES_CONFIG
 
@@ -172,8 +173,9 @@ def evaluate_files(model_path: str, files: list[str], max_examples: int | None =
         make_cache, setting, shown = None, {}, ""
         if bounded:
             make_cache, setting = _bounded_cache(model, tokenizer, config, texts or rows["prompt"], memory_size,
-                                                 buffer_size, policy, memory_ratio)
-            shown = f" (KV cache: {setting['memory_size']} + {setting['buffer_size']} tokens, {policy})"
+                                                 buffer_size, policy, memory_ratio, attention)
+            decayed = ", decayed attention" if setting.get("attention") == "decayed" else ""
+            shown = f" (KV cache: {setting['memory_size']} + {setting['buffer_size']} tokens, {policy}{decayed})"
         name = os.path.basename(path)
         if texts is not None:
             value, tokens = perplexity(model, tokenizer, texts, batch_size=min(batch_size, 8), make_cache=make_cache,
@@ -204,11 +206,17 @@ def _score_name(metrics: set[str]) -> tuple[str, str]:
 
 
 def _bounded_cache(model, tokenizer, config: dict, texts: list[str], memory_size, buffer_size, policy: str,
-                   memory_ratio: float | None):
+                   memory_ratio: float | None, attention: str | None = None):
     """(make_cache, setting) for one file: the sizes given, the export's, or a share of the file's mean length."""
-    from tokensieve.selectors.kv_cache import RetentionCache, budget_sizes, cache_sizes
+    from tokensieve.selectors.kv_cache import RetentionCache, budget_sizes, cache_attention, cache_sizes
 
+    try:
+        decayed = cache_attention(config, attention, policy)
+    except ValueError as error:
+        raise ModelError(f"--attention: {error}") from None
     setting = {"policy": policy}
+    if policy == "gates":
+        setting["attention"] = "decayed" if decayed else "plain"
     if memory_ratio is not None:
         mean_length = sum(len(ids) for ids in tokenizer(list(texts))["input_ids"]) / max(len(texts), 1)
         memory_size, ratio_buffer = budget_sizes(memory_ratio, mean_length)
@@ -218,7 +226,7 @@ def _bounded_cache(model, tokenizer, config: dict, texts: list[str], memory_size
     setting.update(memory_size=memory_size, buffer_size=buffer_size)
 
     def make_cache():
-        return RetentionCache.for_model(model, memory_size, buffer_size, policy)
+        return RetentionCache.for_model(model, memory_size, buffer_size, policy, decayed_attention=decayed)
 
     return make_cache, setting
 

@@ -10,7 +10,7 @@ import torch
 
 from tokensieve.errors import ModelError
 from tokensieve.selectors.attention import attach_cache_attention
-from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_sizes
+from tokensieve.selectors.kv_cache import POLICIES, RetentionCache, cache_attention, cache_sizes
 from tokensieve.upstream import with_cache
 
 
@@ -63,16 +63,21 @@ def load_for_generation(path: str, policy: str):
 
 
 def generate_text(path: str, prompts: list[str], memory_size: int | None = None, buffer_size: int | None = None,
-                  policy: str = "gates", max_new_tokens: int = 64) -> list[dict]:
-    """Generate for each prompt with a bounded cache; returns text and cache statistics per prompt."""
+                  policy: str = "gates", max_new_tokens: int = 64, attention: str | None = None) -> list[dict]:
+    """Generate for each prompt with a bounded cache; returns text and cache statistics per prompt. `attention`:
+    "plain" or "decayed" for the gates' cache (default: the export's)."""
     if policy not in POLICIES:
         raise ModelError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     model, tokenizer, config = load_for_generation(path, policy)
     memory_size, buffer_size = cache_sizes(config, memory_size, buffer_size)
+    try:
+        decayed = cache_attention(config, attention, policy)
+    except ValueError as error:
+        raise ModelError(f"--attention: {error}") from None
     results = []
     for prompt in prompts:
         encoded = tokenizer(prompt, return_tensors="pt")
-        cache = RetentionCache.for_model(model, memory_size, buffer_size, policy)
+        cache = RetentionCache.for_model(model, memory_size, buffer_size, policy, decayed_attention=decayed)
         output = bounded_generate(model, encoded["input_ids"], encoded["attention_mask"], cache,
                                   max_new_tokens=max_new_tokens, do_sample=False)
         text = tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)

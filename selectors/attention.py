@@ -5,7 +5,8 @@ What the attention function does, per call:
     gates off (or none)                -> the model's original attention, unchanged
     gates on, no cache (training/eval) -> softmax(q k / sqrt(d) + (t - i) log beta_i), the TRIM-KV training bias
                                           (optionally over the kept keys only: `train_with_eviction`)
-    a RetentionCache                   -> plain attention over the kept tokens (no bias), log beta stored with K/V
+    a RetentionCache                   -> plain attention over the kept tokens (no bias), log beta stored with K/V;
+                                          with `decayed_attention`, the training bias over the kept tokens
     another cache (e.g. DynamicCache)  -> the original attention
 """
 
@@ -338,7 +339,7 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
         # The mask's diagonal says which new tokens are real (left padding shows up there).
         steps = torch.arange(q, device=query.device)
         layer.mark_real(attention_mask[:, 0, steps, length - q + steps])
-    if q == 1 and not layer.padded and not layer.needs_attention:
+    if q == 1 and not layer.padded and not layer.needs_attention and not layer.decayed_attention:
         # Decoding without padding: every cached token is visible, no mask needed (the fast path). The same sdpa call
         # as transformers' own sdpa attention makes for a maskless decode step (GQA inside the kernel).
         output = F.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=groups > 1)
@@ -349,7 +350,10 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
     if q > 1:
         allowed[..., length - q:] &= torch.ones(q, q, dtype=torch.bool, device=query.device).tril()  # causal
     allowed[:, :, steps, length - q + steps] = True  # a padding query attends to itself (its output is unused)
-    if layer.needs_attention:
+    if layer.decayed_attention:
+        output = _decayed_cached_attention(layer, grouped, key, value, allowed, scaling, q, groups)
+        output = output.view(batch, heads, q, dim)
+    elif layer.needs_attention:
         allowed = _repeat_kv(allowed, groups)
         key, value = _repeat_kv(key, groups), _repeat_kv(value, groups)
         scores = torch.einsum("bhqd,bhkd->bhqk", query.float(), key.float()) * scaling
@@ -362,6 +366,20 @@ def _cached_attention(module, layer, query, key, value, attention_mask, scaling)
         output = F.scaled_dot_product_attention(grouped, key, value, attn_mask=allowed, scale=scaling)
         output = output.view(batch, heads, q, dim)
     return output.transpose(1, 2).contiguous(), None
+
+
+def _decayed_cached_attention(layer, grouped, key, value, allowed, scaling: float, q: int, groups: int):
+    """Attention over the kept tokens with the training bias: logit + (t - pos) log beta for a query at absolute
+    position t, so a kept token counts as much as it did in soft training (fp32, like the training kernels).
+    grouped: [B, H_kv, groups * q, d] (a kv head's query heads as rows), allowed: [B, H_kv, q, L]."""
+    batch, kv_heads, length = key.shape[0], key.shape[1], key.shape[2]
+    rows = torch.arange(layer.seen - q, layer.seen, device=key.device)  # the queries' absolute positions
+    age = (rows[:, None] - layer.positions[:, :, None, :]).clamp(min=0)  # [B, H_kv, q, L]
+    bias = (age * layer.log_beta[:, :, None, :]).masked_fill(~allowed, -math.inf)
+    if groups > 1:
+        bias = bias[:, :, None].expand(-1, -1, groups, -1, -1).reshape(batch, kv_heads, groups * q, length)
+    output = F.scaled_dot_product_attention(grouped.float(), key.float(), value.float(), attn_mask=bias, scale=scaling)
+    return output.to(value.dtype)
 
 
 def retention_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

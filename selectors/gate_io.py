@@ -30,7 +30,7 @@ def gate_state(model) -> dict:
             for i, gate in enumerate(gates_of(model)) for name, tensor in gate.state_dict().items()}
 
 
-def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
+def gates_config(model, memory_size: int | None, buffer_size: int, attention: str = "plain") -> dict:
     config = _base_model(model).config
     text = config.get_text_config(decoder=True)
     return {
@@ -43,14 +43,17 @@ def gates_config(model, memory_size: int | None, buffer_size: int) -> dict:
         "gate": gates_of(model)[0].config,
         "memory_size": memory_size,
         "buffer_size": buffer_size,
+        "attention": attention,
         **base_model_record(config),
     }
 
 
-def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = DEFAULT_BUFFER) -> Path:
-    """Write gates.safetensors and gates.json into `output_dir` (weights first, config last)."""
+def save_gates(model, output_dir, memory_size: int | None = None, buffer_size: int = DEFAULT_BUFFER,
+               attention: str = "plain") -> Path:
+    """Write gates.safetensors and gates.json into `output_dir` (weights first, config last). memory_size,
+    buffer_size and attention ("plain" or "decayed") are the defaults of a cache built from this export."""
     return write_export(output_dir, GATES_FILE, gate_state(model), GATES_CONFIG,
-                        gates_config(model, memory_size, buffer_size))
+                        gates_config(model, memory_size, buffer_size, attention))
 
 
 def read_gates_config(path) -> dict:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer
 
 POLICIES = ("gates", "streaming", "h2o", "snapkv", "knorm", "random")
+ATTENTIONS = ("plain", "decayed")  # how the gates' cache attends to what it kept (see RetentionLayer)
 DEFAULT_BUFFER = 128  # tokens added between evictions, unless a recipe, an export or the caller says otherwise
 
 
@@ -47,6 +48,17 @@ def cache_sizes(config: dict, memory_size: int | None, buffer_size: int | None) 
     return memory, buffer
 
 
+def cache_attention(config: dict, attention: str | None, policy: str) -> bool:
+    """Whether a cache attends with the decay bias (`decayed_attention`): `attention` if given, else the one a gates
+    export recorded (gates.json "attention"), else plain. ValueError for an unknown name or decayed without gates."""
+    attention = attention if attention is not None else config.get("attention", "plain")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if attention == "decayed" and policy != "gates":
+        raise ValueError(f"attention 'decayed' needs the gates' log beta (policy 'gates'), got policy {policy!r}")
+    return attention == "decayed"
+
+
 def budget_sizes(fraction: float, length: float) -> tuple[int, int]:
     """(M, buffer) of a budget given as a share of a prompt length in tokens: M = share x length, buffer = M / 4."""
     memory = max(1, round(fraction * length))
@@ -62,15 +74,20 @@ class RetentionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, memory_size: int | None, buffer_size: int = DEFAULT_BUFFER, policy: str = "gates", sink_tokens: int = 4,
-                 recent_size: int | None = None, window: int = 32, seed: int = 0):
+                 recent_size: int | None = None, window: int = 32, seed: int = 0, decayed_attention: bool = False):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        if decayed_attention and policy != "gates":
+            raise ValueError(f"decayed_attention needs the gates' log beta (policy 'gates'), got policy {policy!r}")
         check_memory_size(memory_size, none_means="no limit")
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
         self.memory_size, self.buffer_size, self.policy = memory_size, buffer_size, policy
         self.sink_tokens, self.window = sink_tokens, window
+        # Attend to each kept token with the training bias (t - pos) log beta, as the soft-trained gates were taught
+        # (not in the paper, whose inference attention is plain).
+        self.decayed_attention = decayed_attention
         self.recent_size = recent_size if recent_size is not None else (memory_size or 0) // 2
         self.generator = torch.Generator().manual_seed(seed)
         self.seen = 0

@@ -298,6 +298,12 @@ def _eval_size_and_ratio(t, tok):
             "--memory-ratio", "0.1", "--policy", "streaming"]
 
 
+def _eval_decayed_without_gates(t, tok):
+    data = write_jsonl(t / "test.jsonl", ROWS[:2])
+    return ["eval", str(tiny_model_dir(t, tok, "model")), "--data", str(data), "--memory-size", "8",
+            "--policy", "h2o", "--attention", "decayed"]
+
+
 CASES = [
     ("recipe-unknown-section", _unknown_section, r"unknown key 'extras'"),
     ("recipe-unknown-key", _unknown_training_key, r"training\.learnin_rate.*learning_rate"),
@@ -344,6 +350,8 @@ CASES = [
     ("data-make-real-task-without-tokenizer", _real_task_without_tokenizer, r"passkey.*needs --tokenizer DIR"),
     ("eval-unknown-metric", _eval_unknown_metric, r"test\.jsonl: column 'metric' has \['fuzzy'\]"),
     ("eval-memory-size-and-ratio", _eval_size_and_ratio, r"--memory-size or --memory-ratio, not both"),
+    ("eval-decayed-attention-without-gates", _eval_decayed_without_gates,
+     r"--attention: attention 'decayed' needs the gates' log beta \(policy 'gates'\), got policy 'h2o'"),
 ]
 
 

@@ -145,6 +145,21 @@ def test_lm_text_rows_and_determinism(tokenizer_dir, tmp_path):
     rows = make("lm-text", tokenizer_dir, tmp_path)
     assert all(abs(r["tokens"] - 640) <= 64 and r["text"].strip() for r in rows)
     assert rows == make("lm-text", tokenizer_dir, tmp_path / "again")
+    assert "prompt" not in rows[0]
+
+
+def test_lm_text_rows_split_into_prompt_and_completion_at_a_token(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = make("lm-text", tokenizer_dir, tmp_path, completion_tokens=100)
+    assert [r["text"] for r in rows] == [r["text"] for r in make("lm-text", tokenizer_dir, tmp_path / "plain")]
+    for row in rows:
+        assert row["prompt"] + row["completion"] == row["text"]
+        whole = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        assert tokenizer(row["completion"], add_special_tokens=False)["input_ids"] == whole[-100:]
+    with pytest.raises(TokensieveError, match="completion_tokens must be in"):
+        make("lm-text", tokenizer_dir, tmp_path / "bad", completion_tokens=640)
 
 
 def test_real_tasks_need_a_tokenizer(tmp_path):

@@ -351,6 +351,30 @@ def test_generate_with_the_cache_equals_full_cache_below_the_budget(tiny_tokeniz
     assert torch.equal(full, bounded)
 
 
+def test_decayed_attention_with_room_for_every_token_equals_the_soft_training_forward(tiny_tokenizer):
+    from tokensieve.launch.generate import bounded_logits
+
+    model = fresh_model(tiny_tokenizer, architecture="llama", num_attention_heads=4, num_key_value_heads=2)
+    attach_gates(model, intermediate_size=16, bias_init=2.0)
+    torch.manual_seed(1)
+    for gate in gates_of(model):  # retention that differs from token to token and head to head
+        torch.nn.init.normal_(gate.down.weight, std=0.5)
+    ids = torch.randint(3, 250, (2, 23))
+    mask = torch.ones_like(ids)
+    ids[1, :5], mask[1, :5] = tiny_tokenizer.pad_token_id, 0  # left padding
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        soft = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    for chunk in (4, 1):  # prefill in chunks, and token by token as decoding reads
+        cache = RetentionCache.for_model(model, memory_size=None, buffer_size=4, decayed_attention=True)
+        read = bounded_logits(model, ids, mask, cache, chunk_size=chunk)
+        torch.testing.assert_close(read[mask.bool()], soft[mask.bool()], atol=1e-4, rtol=1e-4)
+    plain = bounded_logits(model, ids, mask, RetentionCache.for_model(model, memory_size=None, buffer_size=4))
+    assert (plain[mask.bool()] - soft[mask.bool()]).abs().max() > 1e-2  # the bias matters with these gates
+    with pytest.raises(ValueError, match="decayed_attention needs the gates"):
+        RetentionCache.for_model(model, memory_size=8, policy="h2o", decayed_attention=True)
+
+
 @pytest.mark.parametrize("policy", ["gates", "random", "knorm"])
 def test_left_padding_is_evicted_first(tiny_tokenizer, policy):
     model = fresh_model(tiny_tokenizer)

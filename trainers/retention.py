@@ -26,7 +26,7 @@ from tokensieve.selectors.attention import (TRAINING_KERNELS, attach_gates, atte
                                             gates_disabled, set_training_kernel, train_with_eviction)
 from tokensieve.selectors.gate_io import (GATES_FILE, check_compatible, load_gate_weights, load_gates,
                                           read_gates_config, save_gates)
-from tokensieve.selectors.kv_cache import DEFAULT_BUFFER
+from tokensieve.selectors.kv_cache import ATTENTIONS, DEFAULT_BUFFER
 from tokensieve.selectors.retention import capacity_terms
 from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, SmallModuleTrainer, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin, check_finite
@@ -39,6 +39,13 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
 
     memory_size: int = field(default=512, metadata={"help": "M: the KV budget per (layer, kv head) the capacity loss aims at."})
     buffer_size: int = field(default=DEFAULT_BUFFER, metadata={"help": "Inference: tokens added between evictions (saved in the export)."})
+    inference_attention: str = field(
+        default="plain",
+        metadata={"help": "How a bounded cache built from the export attends to the tokens it kept (saved in the "
+                          "export; `tokensieve eval/generate --attention` overrides it): 'plain', as in the paper, "
+                          "or 'decayed', with the training bias (t - pos) log beta, so a larger cache reads like the "
+                          "soft-trained model (not in the paper)."},
+    )
     capacity_weight: float = field(default=1.0, metadata={"help": "lambda, the weight of the capacity loss."})
     global_budget: bool = field(
         default=False, metadata={"help": "One budget of M * layers * heads shared by all heads instead of M per head."}
@@ -95,6 +102,8 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
              "retention_map_data", "a JSONL file of mqar or needle-qa rows when retention_map_steps > 0",
              self.retention_map_data),
             (self.buffer_size >= 1, "buffer_size", ">= 1", self.buffer_size),
+            (self.inference_attention in ATTENTIONS, "inference_attention", f"one of {', '.join(ATTENTIONS)}",
+             self.inference_attention),
             (self.capacity_weight >= 0, "capacity_weight", ">= 0", self.capacity_weight),
             (self.distill_temperature > 0, "distill_temperature", "> 0", self.distill_temperature),
             (self.gate_intermediate_size >= 1, "gate_intermediate_size", ">= 1", self.gate_intermediate_size),
@@ -232,7 +241,8 @@ class RetentionTrainer(LayerMetrics, SmallModuleTrainer, TrainerBase, FiniteLoss
     # --- export ----------------------------------------------------------------------------------------------------
 
     def save_module(self, unwrapped, folder) -> None:
-        save_gates(unwrapped, folder, memory_size=self.args.memory_size, buffer_size=self.args.buffer_size)
+        save_gates(unwrapped, folder, memory_size=self.args.memory_size, buffer_size=self.args.buffer_size,
+                   attention=self.args.inference_attention)
 
     def load_module(self, unwrapped, folder) -> None:
         load_gate_weights(unwrapped, folder)
