@@ -208,3 +208,20 @@ def test_contains_metric_and_perplexity(tiny_llama, tiny_tokenizer, tmp_path, ca
     assert result["memory_ratio"] == 0.5 and result["memory_size"] >= 1 and result["perplexity"] > 1
     assert main(["eval", str(model_dir), "--data", str(data), "--memory-ratio", "1.5", "--policy", "h2o"]) == 2
     assert "--memory-ratio must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_real_rows_label_their_tokens_for_retention_maps(tokenizer_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tokensieve.trainers.retention_map import REAL_KINDS, recall_token_kinds
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    for row in make("named-keys", tokenizer_dir, tmp_path, n=3):
+        ids, kinds, names, asked = recall_token_kinds(row, tokenizer)
+        assert names == list(REAL_KINDS) and len(kinds) == len(ids) and set(kinds) <= set(names)
+        assert tokenizer.decode(ids[asked]).strip() == row["answer"]
+        cue = row["prompt"][row["prompt"].rfind("\n\n") + 2:]
+        assert tokenizer.decode(ids[[i for i, k in enumerate(kinds) if k == "cue"]]).strip() == cue.strip()
+        distractors = tokenizer.decode(ids[[i for i, k in enumerate(kinds) if k == "distractor"]])
+        assert len(row["distractors"]) == 3 and all(d["statement"][-6:] in distractors for d in row["distractors"])
+        assert kinds.count("first") <= 4 and "prose" in kinds and "punctuation" in kinds

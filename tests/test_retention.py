@@ -586,6 +586,14 @@ def test_recipe_trains_exports_and_generate_cli_runs(tiny_tokenizer, tmp_path, r
     scores = json.loads(result.read_text())["results"][str(data)]
     assert scores["examples"] == 8
     assert (scores["memory_size"], scores["buffer_size"], scores["policy"]) == (22, 8, "gates")
+    assert config["attention"] == "plain" and scores["attention"] == "plain"  # the recipe's, as in the paper
+    config["attention"] = "decayed"  # an export trained with inference_attention: decayed
+    (out / "gates.json").write_text(json.dumps(config))
+    assert main(["eval", str(out), "--data", str(data), "--max-examples", "8", "--output", str(result)]) == 0
+    assert json.loads(result.read_text())["results"][str(data)]["attention"] == "decayed"
+    assert main(["eval", str(out), "--data", str(data), "--max-examples", "8", "--attention", "plain",
+                 "--output", str(result)]) == 0
+    assert json.loads(result.read_text())["results"][str(data)]["attention"] == "plain"
     assert main(["eval", str(base), "--data", str(data), "--memory-size", "4", "--policy", "streaming",
                  "--output", str(result)]) == 0
     assert json.loads(result.read_text())["results"][str(data)]["memory_size"] == 4

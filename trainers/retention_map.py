@@ -3,7 +3,10 @@ time, per layer and kv head, and a retention map (tokens x layers/heads, kept or
 
     kinds      every prompt token of an mqar or needle-qa row labelled from the row's own fields (`pair_positions`,
                `needle_position`): mqar key / value / filler / question; needle-qa needle (the asked fact) and the
-               other facts' name / value / other (relation, period), question; bos for special tokens;
+               other facts' name / value / other (relation, period), question; bos for special tokens; a real-prose
+               retrieval row (passkey, named-keys, facts: `needle_char_span`) gives first (its first 4 tokens),
+               answer, needle (the rest of the asked statement), distractor (the other statements), cue (after the
+               last blank line), punctuation and prose;
     snapshot   the prompt prefilled in chunks of the buffer into a RetentionCache of (M, buffer), as at inference;
                which tokens each (layer, kv head) still holds when the answer is generated, and every token's beta;
     shares     per (layer, kv head), the share of the held slots taken by each kind, and whether the asked pair (mqar:
@@ -26,6 +29,8 @@ from tokensieve.upstream import with_cache
 
 MQAR_KINDS = ("bos", "key", "value", "filler", "question")
 NEEDLE_KINDS = ("bos", "needle", "name", "value", "other", "question")  # other: relations and periods
+REAL_KINDS = ("bos", "first", "answer", "needle", "distractor", "cue", "punctuation", "prose")
+FIRST_TOKENS = 4  # a real row's first tokens, labelled apart (where attention sinks are)
 
 
 def _word_of_token(prompt: str, offsets: list[tuple[int, int]]) -> list[int]:
@@ -44,9 +49,50 @@ def _word_of_token(prompt: str, offsets: list[tuple[int, int]]) -> list[int]:
     return words
 
 
+def real_token_kinds(row: dict, tokenizer) -> tuple[torch.Tensor, list[str], list[int], list[int]]:
+    """`recall_token_kinds` of a real-prose retrieval row, from its character spans (so any tokenizer, special tokens
+    included, labels alike). The asked tokens are those of the answer."""
+    prompt = row["prompt"]
+    encoded = tokenizer(prompt, return_offsets_mapping=True)
+    answers = [tuple(span) for span in row["answer_char_spans"]]
+    needle = tuple(row["needle_char_span"])
+    others = [tuple(d["char_span"]) for d in row.get("distractors", [])]
+    cue = prompt.rfind("\n\n") + 2
+
+    def inside(start, end, span):
+        return span[0] <= start and end <= span[1]
+
+    kinds, real = [], 0
+    for start, end in encoded["offset_mapping"]:
+        if end <= start:
+            kinds.append("bos")
+            continue
+        real += 1
+        text = prompt[start:end].strip()
+        if any(inside(start, end, span) for span in answers):
+            kinds.append("answer")
+        elif inside(start, end, needle):
+            kinds.append("needle")
+        elif any(inside(start, end, span) for span in others):
+            kinds.append("distractor")
+        elif start >= cue:
+            kinds.append("cue")
+        elif real <= FIRST_TOKENS:
+            kinds.append("first")
+        elif not any(c.isalnum() for c in text):
+            kinds.append("punctuation")
+        else:
+            kinds.append("prose")
+    asked = [i for i, kind in enumerate(kinds) if kind == "answer"]
+    return torch.tensor(encoded["input_ids"]), kinds, list(REAL_KINDS), asked
+
+
 def recall_token_kinds(row: dict, tokenizer) -> tuple[torch.Tensor, list[str], list[int], list[int]]:
     """(input ids [T], the kind of each prompt token, kind names, the asked tokens' indices) of an mqar or needle-qa
-    row. The asked tokens are the queried key and its value (mqar) or the needle fact's value (needle-qa)."""
+    row. The asked tokens are the queried key and its value (mqar) or the needle fact's value (needle-qa). A
+    real-prose retrieval row goes to `real_token_kinds`."""
+    if "needle_char_span" in row:
+        return real_token_kinds(row, tokenizer)
     prompt = row["prompt"]
     encoded = tokenizer(prompt, return_offsets_mapping=True)
     word_of = _word_of_token(prompt, encoded["offset_mapping"])
@@ -72,7 +118,8 @@ def recall_token_kinds(row: dict, tokenizer) -> tuple[torch.Tensor, list[str], l
                 return "question"
             return "needle" if needle <= w < needle + 4 else roles.get(w % 4, "other")
     else:
-        raise ValueError("a retention map needs an mqar row (pair_positions) or a needle-qa row (needle_position)")
+        raise ValueError("a retention map needs an mqar row (pair_positions), a needle-qa row (needle_position) or a "
+                         "real-prose retrieval row (needle_char_span)")
     kinds = ["bos" if w < 0 else kind(w) for w in word_of]
     asked = [i for i, w in enumerate(word_of) if w in asked_words]
     return torch.tensor(encoded["input_ids"]), kinds, list(names), asked
@@ -122,7 +169,8 @@ def slot_shares(snapshot: Snapshot, kinds: list[str], names: list[str], asked: l
 
 
 KIND_COLOURS = {"bos": "#000000", "key": "#d62728", "value": "#2ca02c", "filler": "#c7c7c7", "question": "#1f77b4",
-                "needle": "#9467bd", "name": "#ff7f0e", "other": "#c7c7c7"}
+                "needle": "#9467bd", "name": "#ff7f0e", "other": "#c7c7c7", "first": "#8c564b", "answer": "#2ca02c",
+                "distractor": "#ff7f0e", "cue": "#1f77b4", "punctuation": "#e377c2", "prose": "#c7c7c7"}
 
 
 def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: str = "") -> Path:
