@@ -512,20 +512,24 @@ def kernels(args) -> None:
 
 def slots(args) -> None:
     """Where the cache's slots go at answer time, per layer and kv head, for a gates export and each budget."""
-    from tokensieve.launch.export import load_retention_model
+    from tokensieve.launch.export import load_retention_model, read_gates_config
+    from tokensieve.selectors.kv_cache import cache_attention
     from tokensieve.trainers.retention_map import plot_retention_map, recall_token_kinds, retention_snapshot, slot_shares
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)[1]
     model, tokenizer = load_retention_model(gates)
-    results = {"environment": environment(), "gates": str(gates), "tasks": {}}
+    decayed = cache_attention(read_gates_config(gates), args.attention, "gates")
+    results = {"environment": environment(), "gates": str(gates), "decayed_attention": decayed, "tasks": {}}
     lines = ["# Where the RetentionCache's slots go at answer time", ""] + environment_lines(results["environment"]) + [
         f"Gates `{gates}`; M = budget x mean prompt tokens, buffer = M / 4, the prompt prefilled in chunks of the "
-        f"buffer. Shares: of the slots each (layer, kv head) holds when the answer is generated, mean over rows. "
+        f"buffer, the cache's attention {'decayed' if decayed else 'plain'}. Shares: of the slots each (layer, kv head) holds when the answer is generated, mean over rows. "
         f"Asked survived: the share of rows where that head still holds the asked pair (mqar: the queried key and "
         f"its value; needle-qa: the needle's value).", ""]
     for task in args.tasks:
+        if task not in TASKS and not args.data:
+            raise SystemExit(f"slots --tasks {task}: a real-prose task needs --data FILE (its rows)")
         rows = read_rows(Path(args.data) if args.data else TASKS[task], args.test_examples)
         labelled = [recall_token_kinds(row, tokenizer) for row in rows]
         names = labelled[0][2]
@@ -535,7 +539,7 @@ def slots(args) -> None:
             memory, buffer = budget_sizes(fraction, context)
             shares, survived = [], []
             for index, (ids, kinds, _, asked) in enumerate(labelled):
-                snapshot = retention_snapshot(model, ids, memory, buffer)
+                snapshot = retention_snapshot(model, ids, memory, buffer, decayed_attention=decayed)
                 found = slot_shares(snapshot, kinds, names, asked)
                 shares.append(torch.stack([found["shares"][n] for n in names], dim=-1))  # [layers, H, kinds]
                 survived.append(found["asked_survived"].float())
@@ -546,14 +550,18 @@ def slots(args) -> None:
             alive = torch.stack(survived).mean(0)
             entry["budgets"][str(fraction)] = {"memory_size": memory, "buffer_size": buffer, "kinds": names,
                                                "shares": share.tolist(), "asked_survived": alive.tolist()}
+            by_layer = share.shape[0] > 4  # a real model: one row per layer, the mean over its kv heads
             lines += [f"**{task}, {fraction:.0%} budget** (M = {memory}, buffer {buffer}; mean prompt "
                       f"{context:.0f} tokens; {len(rows)} rows)", "",
-                      "| layer, kv head | " + " | ".join(names) + " | asked survived |",
-                      "|---|" + "---|" * (len(names) + 1)]
+                      f"| {'layer (mean of kv heads)' if by_layer else 'layer, kv head'} | " + " | ".join(names)
+                      + " | asked survived |", "|---|" + "---|" * (len(names) + 1)]
             for layer in range(share.shape[0]):
-                for head in range(share.shape[1]):
-                    cells = " | ".join(f"{v:.2f}" for v in share[layer, head].tolist())
-                    lines.append(f"| L{layer} H{head} | {cells} | {alive[layer, head]:.2f} |")
+                heads = [None] if by_layer else range(share.shape[1])
+                for head in heads:
+                    values = share[layer].mean(0) if head is None else share[layer, head]
+                    kept = alive[layer].mean() if head is None else alive[layer, head]
+                    cells = " | ".join(f"{v:.2f}" for v in values.tolist())
+                    lines.append(f"| L{layer}{'' if head is None else f' H{head}'} | {cells} | {kept:.2f} |")
             lines.append("")
     (out / "slots.json").write_text(json.dumps(results, indent=2) + "\n")
     finish(out, "slots", lines)
@@ -710,7 +718,10 @@ def main() -> None:
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=2)
     s_ = commands.add_parser("slots")
-    s_.add_argument("--tasks", nargs="+", default=["mqar", "needle-qa"], choices=sorted(TASKS))
+    s_.add_argument("--tasks", nargs="+", default=["mqar", "needle-qa"],
+                    choices=sorted(TASKS) + ["passkey", "named-keys", "facts"])
+    s_.add_argument("--attention", default=None, choices=["plain", "decayed"],
+                    help="the cache's attention (default: the export's)")
     s_.add_argument("--data", default=None, help="a JSONL of rows of the (one) task instead of its test split")
     s_.add_argument("--budgets", nargs="+", type=float, default=[0.1, 0.25])
     s_.add_argument("--test-examples", type=int, default=100)

@@ -132,16 +132,18 @@ class Snapshot:
 
 
 @torch.no_grad()
-def retention_snapshot(model, input_ids: torch.Tensor, memory_size: int, buffer_size: int) -> Snapshot:
-    """Prefill one prompt [T] in chunks of the buffer into a RetentionCache (as at inference) and read what each
-    layer and kv head holds afterwards; the betas come from one forward without a cache (gates on)."""
+def retention_snapshot(model, input_ids: torch.Tensor, memory_size: int, buffer_size: int,
+                       decayed_attention: bool = False) -> Snapshot:
+    """Prefill one prompt [T] in chunks of the buffer into a RetentionCache (as at inference, with the cache's
+    attention plain or decayed) and read what each layer and kv head holds afterwards; the betas come from one
+    forward without a cache (gates on)."""
     gates_of(model)  # a clear error if the model has no gates
     device = next(model.parameters()).device
     ids = input_ids[None].to(device)
     model(input_ids=ids, use_cache=False)
     layers = len(attention_modules(model))
     log_beta = collected_log_beta(model)[0].view(layers, -1, ids.shape[1]).float().cpu()
-    cache = RetentionCache.for_model(model, memory_size, buffer_size)
+    cache = RetentionCache.for_model(model, memory_size, buffer_size, decayed_attention=decayed_attention)
     for start in range(0, ids.shape[1], buffer_size):
         model(input_ids=ids[:, start:start + buffer_size], use_cache=True, logits_to_keep=1,
               **with_cache(model, cache))
@@ -221,7 +223,8 @@ class RetentionMapCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            snapshot = retention_snapshot(model, self.ids, args.memory_size, args.buffer_size)
+            snapshot = retention_snapshot(model, self.ids, args.memory_size, args.buffer_size,
+                                          decayed_attention=args.inference_attention == "decayed")
         finally:
             model.train(was_training)
         path = plot_retention_map(snapshot, self.kinds, Path(args.output_dir) / "retention_maps" /
