@@ -153,14 +153,15 @@ def write_accuracy_report(out: Path, results: dict) -> None:
 def inference(args) -> None:
     from transformers import DynamicCache
 
-    from tokensieve.launch.export import load_retention_model
+    from tokensieve.launch.export import load_retention_model, read_gates_config
     from tokensieve.launch.generate import bounded_generate
-    from tokensieve.selectors.kv_cache import RetentionCache, cache_bytes
+    from tokensieve.selectors.kv_cache import RetentionCache, cache_attention, cache_bytes
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gates = Path(args.gates) if args.gates else train_gates(args.base, out, args.train_steps)[1]
     model, tokenizer = load_retention_model(gates)
+    decayed = cache_attention(read_gates_config(gates), args.attention, "gates")
     memory, buffer = args.memory_size, max(1, args.memory_size // 4)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -189,7 +190,8 @@ def inference(args) -> None:
             # The caches are prefilled, then decoding goes round them token by token (who goes first rotates), so a
             # slow spell of this shared machine hits all alike.
             caches = {"full": DynamicCache(config=model.config),
-                      "retention": RetentionCache.for_model(model, decode_memory, decode_buffer),
+                      "retention": RetentionCache.for_model(model, decode_memory, decode_buffer,
+                                                            decayed_attention=decayed),
                       "short": DynamicCache(config=model.config)}
             for name, cache in caches.items():
                 prompt_ids = short_context if name == "short" else context
@@ -217,11 +219,12 @@ def inference(args) -> None:
                                      "ratio_per_repeat": [f / r for f, r in zip(times["full"], times["retention"])],
                                      "short_tokens": short_context.shape[1],
                                      "short_ratio": rates["short"] / rates["full"]}
-    results = {"environment": environment(), "memory_size": memory, "buffer_size": buffer, "memory_rows": rows,
-               "decode": speed}
+    results = {"environment": environment(), "gates": str(gates), "decayed_attention": decayed,
+               "memory_size": memory, "buffer_size": buffer, "memory_rows": rows, "decode": speed}
     (out / "inference.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = ["# KV retention: cache memory and decode speed", ""] + environment_lines(results["environment"]) + [
-        f"RetentionCache M={memory}, buffer={buffer} vs the full DynamicCache; greedy decoding of random tokens.", "",
+        f"Gates `{gates}`, the cache's attention {'decayed' if decayed else 'plain'}. RetentionCache M={memory}, "
+        f"buffer={buffer} vs the full DynamicCache; greedy decoding of random tokens.", "",
         "| tokens in context | full KV bytes | retention KV bytes | ratio | bound (M+buffer)/T |", "|---|---|---|---|---|"]
     lines += [f"| {r['tokens']} | {r['full_kv_bytes']} | {r['retention_kv_bytes']} | {r['ratio']:.3f} | "
               f"{min(r['bound'], 1):.3f} |" for r in rows]
@@ -714,6 +717,8 @@ def main() -> None:
     i.add_argument("--decode-memory-sizes", nargs="+", type=int, default=[32, 128, 512],
                    help="M of each decode-speed comparison, at a context of 8 x M")
     i.add_argument("--repeats", type=int, default=9)
+    i.add_argument("--attention", default=None, choices=["plain", "decayed"],
+                   help="the RetentionCache's attention (default: the export's)")
     t = commands.add_parser("training")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--repeats", type=int, default=2)
