@@ -204,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--buffer-size", type=int, default=None, help="tokens added between evictions")
     generate.add_argument("--policy", default="gates", help="gates, streaming, h2o, snapkv, knorm or random")
     generate.add_argument("--attention", default=None, choices=["plain", "decayed"],
-                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed (the training bias "
-                          "(t - pos) log beta; not in the paper); default: the export's gates.json")
+                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed "
+                          "(the training bias (t - pos) log beta; not in the paper); default: the export's gates.json")
     generate.add_argument("--max-new-tokens", type=int, default=64)
     generate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: keep the "
                           "context tokens the selector picks, then answer")
@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--policy", default="gates", help="eviction policy: gates, streaming, h2o, snapkv, knorm "
                           "or random")
     evaluate.add_argument("--attention", default=None, choices=["plain", "decayed"],
-                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed (the training bias "
-                          "(t - pos) log beta; not in the paper); default: the export's gates.json")
+                          help="how the gates' cache attends to the tokens it kept: plain (the paper) or decayed "
+                          "(the training bias (t - pos) log beta; not in the paper); default: the export's gates.json")
     evaluate.add_argument("--selector", action="store_true", help="MODEL is a query-selector export: answer from "
                           "the context tokens it keeps (prompts are cut at the query separator)")
     evaluate.add_argument("--keep", type=int, default=None, help="with --selector: keep exactly N context tokens")
