@@ -71,6 +71,8 @@ def main() -> None:
     parser.add_argument("--gates", nargs="*", default=[], help="retention-gate exports of this model to score too")
     parser.add_argument("--gates-attention", nargs="+", default=["decayed"], choices=["plain", "decayed"],
                         help="the gates' cache attention (each is a row)")
+    parser.add_argument("--gates-budgets", nargs="+", type=float, default=None,
+                        help="the budgets of the --gates rows (default: --budgets)")
     parser.add_argument("--rows", type=int, default=20, help="test rows per task and length")
     parser.add_argument("--text-length", type=int, default=1024, help="tokens per perplexity text")
     parser.add_argument("--seed", type=int, default=0)
@@ -90,7 +92,7 @@ def main() -> None:
                                                      policy=policy, memory_ratio=budget)
     for export in args.gates:
         for attention in args.gates_attention:
-            for budget in args.budgets:
+            for budget in args.gates_budgets or args.budgets:
                 table[f"{gates_row(export, attention)} {budget:.0%}"] = scored(
                     out, f"gates-{Path(export).name}-{attention}_{budget}", export, bounded, args.rows,
                     policy="gates", memory_ratio=budget, attention=attention)
@@ -121,8 +123,9 @@ def _figure(results: dict, args):
     rows = list(args.policies) + [gates_row(e, a) for e in args.gates for a in args.gates_attention]
     for axis, key in zip(axes, keys):
         for row in rows:
-            axis.plot([100 * b for b in args.budgets],
-                      [results["scores"][f"{row} {b:.0%}"][key] for b in args.budgets], marker="o", label=row)
+            budgets = args.budgets if row in args.policies else args.gates_budgets or args.budgets
+            axis.plot([100 * b for b in budgets],
+                      [results["scores"][f"{row} {b:.0%}"][key] for b in budgets], marker="o", label=row)
         axis.axhline(full[key], color="black", linestyle="--", label="full cache")
         axis.set_title(key)
         axis.set_xlabel("cache budget, % of the prompt")
