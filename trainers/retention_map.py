@@ -201,7 +201,7 @@ def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: 
     axis.set_xlabel("prompt token")
     handles = [matplotlib.patches.Patch(color=KIND_COLOURS[k], label=k) for k in dict.fromkeys(kinds)]
     figure.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
-    figure.colorbar(plt.cm.ScalarMappable(cmap="viridis"), ax=axis, label="beta", fraction=0.03)
+    figure.colorbar(plt.cm.ScalarMappable(cmap="viridis"), ax=[top, axis], label="beta", fraction=0.03)  # both: aligned
     try:
         return replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
     finally:
