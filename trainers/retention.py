@@ -83,8 +83,8 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
                           "output_dir/retention_maps and an image in W&B. 0: never."},
     )
     retention_map_data: str | None = field(
-        default=None, metadata={"help": "A JSONL file of mqar or needle-qa rows (with their ground-truth fields) for "
-                                        "retention_map_steps."},
+        default=None, metadata={"help": "A JSONL file of mqar, needle-qa or real-prose retrieval rows (with their "
+                                        "ground-truth fields) for retention_map_steps."},
     )
     training_attention_chunk: int = field(default=128, metadata={"help": "Query rows per block of the chunked "
                                                                           "attention and of train_with_eviction's "
@@ -99,7 +99,8 @@ class RetentionConfig(ConfigDefaults, CompletionLabels, SFTConfig):
             (self.training_attention_chunk >= 1, "training_attention_chunk", ">= 1", self.training_attention_chunk),
             (self.retention_map_steps >= 0, "retention_map_steps", ">= 0", self.retention_map_steps),
             (not self.retention_map_steps or (self.retention_map_data and os.path.isfile(self.retention_map_data)),
-             "retention_map_data", "a JSONL file of mqar or needle-qa rows when retention_map_steps > 0",
+             "retention_map_data", "a JSONL file of mqar, needle-qa or real-prose retrieval rows when "
+             "retention_map_steps > 0",
              self.retention_map_data),
             (self.buffer_size >= 1, "buffer_size", ">= 1", self.buffer_size),
             (self.inference_attention in ATTENTIONS, "inference_attention", f"one of {', '.join(ATTENTIONS)}",
