@@ -304,7 +304,8 @@ LENGTH_ARMS = {  # name: (label, gate kernel or None for LoRA SFT, train_with_ev
 }
 
 
-def measure_step(arm: str, length: int, steps: int, base: str, memory_size: int, chunk: int) -> dict:
+def measure_step(arm: str, length: int, steps: int, base: str, memory_size: int, chunk: int,
+                 gate_width: int = 512) -> dict:
     """Seconds per training step (forward + backward, median after one warm-up) and the memory the step adds on
     top of the loaded model (CUDA: peak allocated; CPU: peak resident set), for one arm at one sequence length."""
     import tempfile
@@ -330,7 +331,8 @@ def measure_step(arm: str, length: int, steps: int, base: str, memory_size: int,
                                         peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
         else:
             args = RetentionConfig(output_dir=tmp, memory_size=memory_size, train_with_eviction=evict,
-                                   training_attention=kernel, training_attention_chunk=chunk, **common)
+                                   training_attention=kernel, training_attention_chunk=chunk,
+                                   gate_intermediate_size=gate_width, **common)
             trainer = RetentionTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     device = trainer.args.device
     generator = torch.Generator().manual_seed(0)
@@ -348,15 +350,16 @@ def training_lengths(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"environment": environment(), "lengths": args.lengths, "memory_size": args.memory_size,
-               "chunk": args.chunk, "arms": {arm: {} for arm in ["lora_sft", *args.arms]}}
+    results = {"environment": environment(), "base": args.base, "lengths": args.lengths,
+               "memory_size": args.memory_size, "chunk": args.chunk, "gate_width": args.gate_width,
+               "arms": {arm: {} for arm in ["lora_sft", *args.arms]}}
     for length in args.lengths:
         for _ in range(args.repeats):  # alternating arms, so drift on a shared machine hits all of them
             for arm in results["arms"]:
                 entry = results["arms"][arm].setdefault(str(length), {"seconds": [], "step_bytes": []})
                 command = [sys.executable, __file__, "training-lengths", "--one", arm, "--base", args.base,
                            "--lengths", str(length), "--steps", str(args.steps), "--memory-size",
-                           str(args.memory_size), "--chunk", str(args.chunk)]
+                           str(args.memory_size), "--chunk", str(args.chunk), "--gate-width", str(args.gate_width)]
                 # Two processes: one timed with the default allocator; one for memory, where glibc's malloc returns
                 # every block over 128 KiB to the system when it is freed (otherwise the resident set keeps freed
                 # memory and its peak says more about the allocator than about the step; page faults make it slow).
@@ -382,8 +385,9 @@ def write_lengths_report(out: Path, results: dict) -> None:
         f"One row of T tokens (half prompt, half completion), forward + backward (`Trainer.training_step`), median of "
         f"the steps after a warm-up, best of the repeats; memory: what a step adds on top of the loaded model (peak "
         f"allocated on CUDA; on CPU the peak resident set, measured in a separate run with glibc returning freed "
-        f"blocks over 128 KiB to the system), each arm in a fresh process. M = {results['memory_size']}, "
-        f"chunk {results['chunk']} query rows.", "",
+        f"blocks over 128 KiB to the system), each arm in a fresh process. Model {results.get('base')}; M = "
+        f"{results['memory_size']}, chunk {results['chunk']} query rows, gate width {results.get('gate_width', 512)}.",
+        "",
         "| arm | " + " | ".join(f"T = {n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for arm in arms:
         label, cells = LENGTH_ARMS[arm][0], []
@@ -741,6 +745,8 @@ def main() -> None:
     n.add_argument("--repeats", type=int, default=2)
     n.add_argument("--memory-size", type=int, default=128)
     n.add_argument("--chunk", type=int, default=128)
+    n.add_argument("--gate-width", type=int, default=512, help="gate_intermediate_size of the gate arms (the "
+                   "SmolLM2 recipe's is 64)")
     n.add_argument("--arms", nargs="+", default=[arm for arm in LENGTH_ARMS if arm != "lora_sft"],
                    choices=[arm for arm in LENGTH_ARMS if arm != "lora_sft"], help="gate arms beside LoRA SFT")
     n.add_argument("--one", default=None, choices=sorted(LENGTH_ARMS), help=argparse.SUPPRESS)
@@ -760,7 +766,8 @@ def main() -> None:
     r.set_defaults(out=str(REPO / "outputs/bench/kv_retention/robustness"))
     args = parser.parse_args()
     if args.command == "training-lengths" and args.one:  # one measurement, in a process of its own
-        print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk)))
+        print(json.dumps(measure_step(args.one, args.lengths[0], args.steps, args.base, args.memory_size, args.chunk,
+                                      args.gate_width)))
         return
     {"accuracy": accuracy, "inference": inference, "training": training, "slots": slots,
      "training-lengths": training_lengths, "kernels": kernels, "robustness": robustness}[args.command](args)

@@ -108,7 +108,7 @@ def _cmd_quickstart(args) -> int:
     from tokensieve.launch.quickstart import run_quickstart
 
     run_quickstart(args.out, base=args.base, steps_scale=args.steps_scale, test_rows=args.test_rows,
-                   resume=args.resume, lora=args.lora)
+                   resume=args.resume, lora=args.lora, real=args.real, real_rows=args.real_rows)
     return 0
 
 
@@ -261,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "finished (stage.json written) and run only the rest")
     quickstart.add_argument("--lora", action="store_true", help="token-selection stages train LoRA adapters "
                             "(r16) instead of every weight")
+    quickstart.add_argument("--real", action="store_true", help="one more stage: SmolLM2-135M-Instruct (bash "
+                            "install.sh --real; tokensieve model prepare smollm2) on the shipped pass-key test, the "
+                            "shipped retention gates beside the full cache and the heuristic caches at 10%% of the "
+                            "prompt (with --resume after a finished quickstart, only that stage runs)")
+    quickstart.add_argument("--real-rows", type=int, default=20, help="test rows of the real-model stage")
     quickstart.set_defaults(handler=_cmd_quickstart)
 
     data = commands.add_parser("data", parents=[debug], help="make or check datasets")

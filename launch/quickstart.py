@@ -23,6 +23,13 @@ at exact match 0.01 after 150 steps where full fine-tuning reached 0.085); `--lo
                     context tokens it keeps)
 Then one markdown table on stdout and in OUT/results.md, and the raw numbers in OUT/results.json.
 
+With --real (after `bash install.sh --real` and `tokensieve model prepare smollm2`), one more stage:
+    real            SmolLM2-135M-Instruct on the shipped real-prose pass-key test (data/tasks/passkey-1k): the full
+                    cache, the retention gates shipped in recipes/smollm2/gates (plain and decayed attention) and
+                    the heuristic caches at the same 10% budget, each in a fresh `tokensieve eval` process; a
+                    second table
+(`tokensieve quickstart --resume --real` after a finished quickstart runs only that stage.)
+
 Training stages run in this process through the same launcher as `tokensieve train` (recipe + overrides: output
 folder under --out, short max_steps), each a W&B run (offline unless WANDB_MODE says otherwise) under OUT/wandb.
 """
@@ -52,6 +59,26 @@ RECALL = ("mqar", "needle-qa")
 # The gates' cache in the table: 32 + 8 tokens per layer and kv head, about 25% of a prompt. (The recipe trains at
 # M = 22; a needle-qa row holds 32 facts, and gates that cannot know the question keep all of them only from 32 up.)
 GATE_CACHE = ("--memory-size", "32", "--buffer-size", "8")
+
+
+# The real-model stage (--real): the prepared model, the gates shipped for it, the shipped test, one budget.
+REAL_MODEL = "models/SmolLM2-135M-Instruct"
+REAL_GATES = "recipes/smollm2/gates"
+REAL_TEST = "data/tasks/passkey-1k/test.jsonl"
+REAL_BUDGET = "0.1"
+REAL_ROWS = (  # (row, title, model, eval options)
+    ("full cache", "the whole prompt in the KV cache", REAL_MODEL, ()),
+    ("gates", f"TRIM-KV gates shipped in {REAL_GATES}, plain attention (as in the paper)", REAL_GATES,
+     ("--memory-ratio", REAL_BUDGET, "--attention", "plain")),
+    ("gates decayed", "the same gates, the cache attending with the training bias", REAL_GATES,
+     ("--memory-ratio", REAL_BUDGET, "--attention", "decayed")),
+    ("streaming", "StreamingLLM (first 4 + the most recent tokens)", REAL_MODEL,
+     ("--policy", "streaming", "--memory-ratio", REAL_BUDGET)),
+    ("h2o", "H2O (attention received so far + the recent half)", REAL_MODEL,
+     ("--policy", "h2o", "--memory-ratio", REAL_BUDGET)),
+    ("snapkv", "SnapKV (attention from the last 32 queries of each prompt chunk)", REAL_MODEL,
+     ("--policy", "snapkv", "--memory-ratio", REAL_BUDGET)),
+)
 
 
 @dataclass(frozen=True)
@@ -393,11 +420,63 @@ def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
     return "\n".join(lines)
 
 
+def check_real_stage() -> None:
+    """The real-model stage's inputs, checked before any stage runs."""
+    if not (REPO_ROOT / REAL_MODEL / "config.json").is_file():
+        raise TokensieveError(f"--real: no prepared model in {REPO_ROOT / REAL_MODEL}: bash install.sh --real, then "
+                              "tokensieve model prepare smollm2")
+    if not (REPO_ROOT / REAL_GATES / "gates.json").is_file():
+        raise TokensieveError(f"--real: the shipped gate export {REPO_ROOT / REAL_GATES} is missing (gates.json)")
+
+
+def run_real_stage(folder: Path, rows: int, resume: bool) -> dict:
+    """The real-model stage: each REAL_ROWS cache in a fresh `tokensieve eval` process on the shipped pass-key test."""
+    marker = folder / "stage.json"
+    print(f"\n=== [quickstart] real: {REAL_MODEL.split('/')[-1]}, pass key in ~1K tokens of prose, "
+          f"{float(REAL_BUDGET):.0%} KV budget ===", flush=True)
+    if resume and marker.is_file() and json.loads(marker.read_text()).get("rows") == rows:
+        print("[quickstart] real: finished by an earlier run, reused", flush=True)
+        return {**json.loads(marker.read_text()), "status": "reused (--resume)"}
+    marker.unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    start, results = time.time(), {}
+    for name, title, model, extra in REAL_ROWS:
+        output = folder / f"{name.replace(' ', '-')}.json"
+        command = [sys.executable, "-m", "tokensieve", "eval", model, "--data", REAL_TEST, "--max-examples", str(rows),
+                   "--batch-size", "4", "--output", str(output), *extra]
+        print(f"[quickstart] real {name}: {shlex.join(command[1:])}", flush=True)
+        if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
+            raise TokensieveError(f"quickstart stage 'real' failed: {shlex.join(command)} (its files: {folder})")
+        entry = json.loads(output.read_text())["results"][REAL_TEST]
+        results[name] = {"title": title, "command": shlex.join(command[1:]), **entry}
+    record = {"stage": "real", "rows": rows, "results": results, "seconds": round(time.time() - start, 1),
+              "status": "ran"}
+    _write_json(marker, record)
+    return record
+
+
+def real_table(record: dict) -> str:
+    """The real-model stage's table: exact match and the cache's size per row."""
+    lines = ["| cache | method | pass key (exact match) | KV tokens per layer and kv head |", "|---|---|---|---|"]
+    for name, entry in record["results"].items():
+        size = f"{entry['memory_size']} + {entry['buffer_size']}" if "memory_size" in entry else "all"
+        lines.append(f"| {name} | {entry['title']} | {entry['exact_match']:.3f} | {size} |")
+    lines += ["", f"{REAL_MODEL.split('/')[-1]} on {record['rows']} rows of {REAL_TEST} (a five-digit pass key in "
+              f"about 1040 tokens of held-out prose), greedy answers, each cache in a fresh `tokensieve eval` "
+              f"process; bounded caches at {float(REAL_BUDGET):.0%} of each prompt (buffer M / 4). "
+              f"The stage took {record['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
 def run_quickstart(out="outputs/quickstart", base: str | None = None, steps_scale: float = 1.0, test_rows: int = 200,
-                   resume: bool = False, lora: bool = False) -> dict:
+                   resume: bool = False, lora: bool = False, real: bool = False, real_rows: int = 20) -> dict:
     """Run every stage (see the module docstring); print and write the results table. Returns the stage records."""
     import importlib.util
 
+    if real:
+        check_real_stage()
+        if real_rows < 1:
+            raise TokensieveError(f"--real-rows must be >= 1, got {real_rows}")
     if not (REPO_ROOT / BASE_SCRIPT).is_file():
         raise TokensieveError(f"{REPO_ROOT / BASE_SCRIPT} not found: the quickstart runs from a clone of the "
                               f"repository (pip install -e .)")
@@ -417,14 +496,18 @@ def run_quickstart(out="outputs/quickstart", base: str | None = None, steps_scal
     os.environ.update({name: defaults[name] for name in added})
     try:
         stages = Quickstart(out, base, steps_scale, test_rows, resume, lora).run()
+        if real:
+            stages["real"] = run_real_stage(out / "real", real_rows, resume)
     finally:
         for name in added:
             os.environ.pop(name, None)
     table = results_table(stages, test_rows, lora)
+    if real:
+        table += "\n\nA real pretrained model:\n\n" + real_table(stages["real"])
     from tokensieve.launch.export import replace_atomically
 
     replace_atomically(out / "results.md", lambda p: p.write_text(table + "\n", encoding="utf-8"))
     _write_json(out / "results.json", {"out": str(out), "base": base, "steps_scale": steps_scale,
-                                       "test_rows": test_rows, "lora": lora, "stages": stages})
+                                       "test_rows": test_rows, "lora": lora, "real": real, "stages": stages})
     print("\n" + table + f"\n\nwritten: {out / 'results.md'}, {out / 'results.json'}", flush=True)
     return stages

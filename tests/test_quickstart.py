@@ -57,6 +57,16 @@ def test_failing_stage_is_named_and_exit_2(tmp_path, capsys):
     assert "not a saved model folder" in capsys.readouterr().err
 
 
+def test_real_stage_is_checked_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    from tokensieve.launch import quickstart
+
+    monkeypatch.setattr(quickstart, "REAL_MODEL", "models/not-prepared-here")
+    assert main(["quickstart", "--real", "--out", str(tmp_path / "qs")]) == 2
+    err = capsys.readouterr().err
+    assert "--real: no prepared model in" in err and "tokensieve model prepare smollm2" in err
+    assert not (tmp_path / "qs").exists()
+
+
 @pytest.mark.slow
 def test_quickstart_on_a_tiny_base(tmp_path, capsys):
     from tokensieve.launch.tokenizer import build_tokenizer

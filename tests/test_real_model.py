@@ -44,3 +44,23 @@ def test_full_cache_answers_the_shipped_passkey_test(smollm2, repo_root, capsys)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     score = float(line.split("exact match ")[1].split()[0])
     assert score >= 0.95, line
+
+
+def test_quickstart_real_stage_scores_the_shipped_gates_beside_the_heuristics(repo_root, tmp_path):
+    from tokensieve.launch.quickstart import REAL_MODEL, REAL_ROWS, real_table, run_real_stage
+
+    if not (repo_root / REAL_MODEL / "config.json").is_file():
+        pytest.skip(f"no {REAL_MODEL}: tokensieve model prepare smollm2")
+    record = run_real_stage(tmp_path / "real", rows=4, resume=False)
+    results = record["results"]
+    assert list(results) == [row[0] for row in REAL_ROWS]
+    assert all(entry["examples"] == 4 for entry in results.values())
+    assert results["full cache"]["exact_match"] >= 0.75
+    bounded = [results[name] for name in ("gates", "gates decayed", "streaming", "h2o", "snapkv")]
+    assert all(entry["memory_ratio"] == 0.1 for entry in bounded)
+    assert len({(entry["memory_size"], entry["buffer_size"]) for entry in bounded}) == 1  # one budget for all
+    assert results["gates"]["policy"] == "gates" and results["streaming"]["policy"] == "streaming"
+    assert (results["gates"]["attention"], results["gates decayed"]["attention"]) == ("plain", "decayed")
+    table = real_table(record)
+    assert all(f"| {name} |" in table for name in results)
+    assert run_real_stage(tmp_path / "real", rows=4, resume=True)["status"] == "reused (--resume)"

@@ -537,6 +537,29 @@ def test_export_loads_in_a_fresh_process(tiny_tokenizer, tmp_path):
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected.tolist()
 
 
+def test_a_shipped_export_finds_its_base_relative_to_itself(tiny_tokenizer, tmp_path, monkeypatch):
+    """A relative base path in gates.json that names a folder beside the export is read from the export, so a
+    shipped export works from any working directory; a missing base folder is one clear error."""
+    base = tmp_path / "models" / "base"
+    fresh_model(tiny_tokenizer).save_pretrained(base)
+    tiny_tokenizer.save_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    attach_gates(model, intermediate_size=16, bias_init=3.0)
+    save_gates(model, tmp_path / "shipped" / "gates", memory_size=8, buffer_size=4)
+    config_file = tmp_path / "shipped" / "gates" / "gates.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = "../../models/base"
+    config_file.write_text(json.dumps(config))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded, _ = load_retention_model(tmp_path / "shipped" / "gates")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    config["base_model_name_or_path"] = "../../models/not-prepared"
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="base model folder ../../models/not-prepared does not exist.*model prepare"):
+        load_retention_model(tmp_path / "shipped" / "gates")
+
+
 def test_bad_gate_exports_are_clear_errors(tiny_tokenizer, tmp_path):
     model = fresh_model(tiny_tokenizer)
     attach_gates(model, intermediate_size=16)

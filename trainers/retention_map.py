@@ -191,7 +191,8 @@ def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: 
     colours[~kept.numpy(), 3] = 0.15
     strip = torch.tensor([to_rgb(KIND_COLOURS[k]) for k in kinds]).numpy()[None]
     figure, (top, axis) = plt.subplots(2, 1, figsize=(min(2 + length / 12, 24), 1.2 + 0.35 * layers * heads),
-                                       gridspec_kw={"height_ratios": [1, max(layers * heads, 1)]}, sharex=True)
+                                       gridspec_kw={"height_ratios": [1, max(layers * heads, 1)]}, sharex=True,
+                                       layout="constrained")  # no gap between the strip and the map on tall maps
     top.imshow(strip, aspect="auto", interpolation="nearest")
     top.set_yticks([])
     top.set_title(title or "retention map: kept (opaque) / evicted (faded), colour = beta; top strip = token kind",
@@ -200,7 +201,7 @@ def plot_retention_map(snapshot: Snapshot, kinds: list[str], path: Path, title: 
     axis.set_yticks(range(layers * heads), [f"L{i // heads} H{i % heads}" for i in range(layers * heads)], fontsize=7)
     axis.set_xlabel("prompt token")
     handles = [matplotlib.patches.Patch(color=KIND_COLOURS[k], label=k) for k in dict.fromkeys(kinds)]
-    figure.legend(handles=handles, loc="upper right", fontsize=7, ncol=len(handles))
+    figure.legend(handles=handles, loc="outside upper right", fontsize=7, ncol=len(handles))
     figure.colorbar(plt.cm.ScalarMappable(cmap="viridis"), ax=[top, axis], label="beta", fraction=0.03)  # both: aligned
     try:
         return replace_atomically(path, lambda tmp: figure.savefig(tmp, dpi=100, format="png"))
