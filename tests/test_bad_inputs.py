@@ -199,6 +199,14 @@ def _gates_other_size(t, tok):
     return ["generate", str(export), "--prompt", "hello"]
 
 
+def _gates_base_not_prepared(t, tok):
+    export = gates_export(t, tok, tiny_model_dir(t, tok, "base"))
+    config = json.loads((export / "gates.json").read_text())
+    config["base_model_name_or_path"] = "../models/not-prepared"  # as a shipped export names its base
+    (export / "gates.json").write_text(json.dumps(config))
+    return ["generate", str(export), "--prompt", "hello"]
+
+
 def _gates_truncated(t, tok):
     export = gates_export(t, tok, tiny_model_dir(t, tok, "base"))
     data = (export / "gates.safetensors").read_bytes()
@@ -333,6 +341,8 @@ CASES = [
     ("model-path-missing", _model_path_missing, r"no-model"),
     ("gates-other-architecture", _gates_other_architecture, r"architecture"),
     ("gates-other-size", _gates_other_size, r"hidden_size"),
+    ("gates-base-not-prepared", _gates_base_not_prepared,
+     r"gates\.json: its base model folder \.\./models/not-prepared does not exist .*tokensieve model prepare"),
     ("gates-truncated-file", _gates_truncated, r"truncated or corrupt"),
     ("adapter-base-mismatch", _adapter_base_mismatch, r"LoRA adapter does not fit"),
     ("selector-export-missing", _not_a_selector_export, r"no selector\.json"),
