@@ -361,16 +361,25 @@ class Quickstart:
                 for stage in STAGES for e in stage.evals]
         results = {}
         for name, export, files, extra in runs:
-            output = folder / f"{name.replace(' ', '-')}.json"
-            command = [sys.executable, "-m", "tokensieve", "eval", export, *[a for f in files for a in ("--data", f)],
-                       "--max-examples", str(self.test_rows), "--output", str(output), *extra]
-            print(f"[quickstart] reload {name}: {shlex.join(command[1:])}", flush=True)
-            if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
-                raise TokensieveError(f"reloading {export} in a fresh process failed: {shlex.join(command)}")
-            by_file = json.loads(output.read_text())["results"]
-            results[name] = {"export": export, "command": shlex.join(command[1:]),
+            command, by_file = fresh_eval(f"reload {name}", export, files, self.test_rows,
+                                          folder / f"{name.replace(' ', '-')}.json", extra,
+                                          failure=f"reloading {export} in a fresh process failed")
+            results[name] = {"export": export, "command": command,
                              "tasks": {task: by_file[path] for task, path in tests.items() if path in by_file}}
         return {"results": results}
+
+
+def fresh_eval(label: str, model: str, files: list[str], rows: int, output: Path, extra, failure: str,
+               files_at: Path | None = None) -> tuple[str, dict]:
+    """`python -m tokensieve eval` in a fresh process, from the repository root; returns (its arguments as one line,
+    its results per file). A failed run raises `failure: the command` (and where its files are, if given)."""
+    command = [sys.executable, "-m", "tokensieve", "eval", model, *[a for f in files for a in ("--data", f)],
+               "--max-examples", str(rows), "--output", str(output), *extra]
+    print(f"[quickstart] {label}: {shlex.join(command[1:])}", flush=True)
+    if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
+        where = f" (its files: {files_at})" if files_at else ""
+        raise TokensieveError(f"{failure}: {shlex.join(command)}{where}")
+    return shlex.join(command[1:]), json.loads(output.read_text())["results"]
 
 
 def _close_wandb_run() -> None:
@@ -434,21 +443,18 @@ def run_real_stage(folder: Path, rows: int, resume: bool) -> dict:
     marker = folder / "stage.json"
     print(f"\n=== [quickstart] real: {REAL_MODEL.split('/')[-1]}, pass key in ~1K tokens of prose, "
           f"{float(REAL_BUDGET):.0%} KV budget ===", flush=True)
-    if resume and marker.is_file() and json.loads(marker.read_text()).get("rows") == rows:
+    earlier = json.loads(marker.read_text()) if resume and marker.is_file() else {}
+    if earlier.get("rows") == rows:
         print("[quickstart] real: finished by an earlier run, reused", flush=True)
-        return {**json.loads(marker.read_text()), "status": "reused (--resume)"}
+        return {**earlier, "status": "reused (--resume)"}
     marker.unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     start, results = time.time(), {}
     for name, title, model, extra in REAL_ROWS:
-        output = folder / f"{name.replace(' ', '-')}.json"
-        command = [sys.executable, "-m", "tokensieve", "eval", model, "--data", REAL_TEST, "--max-examples", str(rows),
-                   "--batch-size", "4", "--output", str(output), *extra]
-        print(f"[quickstart] real {name}: {shlex.join(command[1:])}", flush=True)
-        if subprocess.run(command, cwd=REPO_ROOT).returncode != 0:
-            raise TokensieveError(f"quickstart stage 'real' failed: {shlex.join(command)} (its files: {folder})")
-        entry = json.loads(output.read_text())["results"][REAL_TEST]
-        results[name] = {"title": title, "command": shlex.join(command[1:]), **entry}
+        command, by_file = fresh_eval(f"real {name}", model, [REAL_TEST], rows,
+                                      folder / f"{name.replace(' ', '-')}.json", ("--batch-size", "4", *extra),
+                                      failure="quickstart stage 'real' failed", files_at=folder)
+        results[name] = {"title": title, "command": command, **by_file[REAL_TEST]}
     record = {"stage": "real", "rows": rows, "results": results, "seconds": round(time.time() - start, 1),
               "status": "ran"}
     _write_json(marker, record)
