@@ -1,23 +1,32 @@
-"""Token selection and weighting on noisy-recall: clean-test exact match, selection against the ground truth, and the
-step-time / memory overhead.
+"""Token selection and weighting on the grounds with ground truth: clean-test exact match, selection against the
+ground truth, and the step-time / memory overhead.
 
-    python benchmarks/token_selection.py quality --base outputs/base/tiny_recall [--seeds 0 1 2] [--steps 300]
+    python benchmarks/token_selection.py quality --base outputs/base/tiny_recall [--task noisy-recall] [--seeds 0 1 2]
     python benchmarks/token_selection.py overhead [--steps 30]
 
 quality: every method fine-tunes the tiny recall base (fully) with the tiny recipes in recipes/tiny/ on the noisy
-train split of noisy-recall (each answer value a random pool word with p = --unlearnable-share, the next pair's
-value with p = --learnable-share, else clean) and is scored by greedy exact match on the clean test split:
+train split of --task and is scored by greedy exact match on its clean test split. The two grounds:
+    noisy-recall    the base already does the clean task (associative recall); the noise is in the answers
+    mapped-recall   the base cannot do it (the answer is the recalled value's partner under a fixed mapping):
+                    fine-tuning must teach it; the same noise, plus boilerplate the base already predicts
+In both, each training answer is a random pool word with p = --unlearnable-share (unlearnable), the asked key echoed
+with p = --learnable-share (learnable and wrong), else clean. The methods:
     sft          plain next-token prediction on every response token       (recipes/tiny/sstoken.yaml, scorer none)
     random       a random 60% of each response                              (scorer random)
     rho1         top 60% of each batch by excess loss over the clean reference (recipes/tiny/rho1.yaml)
+    rho1-small   the same with a reference fine-tuned on a small clean subset (--small-reference-examples rows,
+                 as Rho-1 trains its reference on a small high-quality set)
     prior        weights (1 - p_ref), mean 1 per response, clean reference    (recipes/tiny/prior.yaml)
     sstoken      top 60% of each response by 0.5 minmax(REL) + 0.5 attention, history = the base, warm-up 20%
     sstoken-g0   the same, gamma 0 (attention only)
     sstoken-g1   the same, gamma 1 (REL only, no warm-up)
     sstoken-ema  the same as sstoken with an EMA history
+    sstoken-offline  the same as sstoken with the base's losses precomputed (`tokensieve curate --scorer
+                 reference_loss`), as the authors' released code does: the same scores as history = the base
     curate       `tokensieve curate` (excess loss of the base over the clean reference, top 60% per response), then
                  the base fine-tuned on the curated token_mask only (scorer column)
-The reference of rho1 and prior is the base fine-tuned on a clean train split (both shares 0). The selection table
+The reference of rho1, prior and curate is the base fine-tuned on a clean train split (both shares 0, --train-examples
+rows, the same steps). The selection table
 averages the trainer's ground-truth metrics (truth_*) over each run's logged steps: share of each kind of token
 kept (or mean weight) and the AUROC of the score for clean vs each noise kind.
 
@@ -46,20 +55,23 @@ SSTOKEN = "recipes/tiny/sstoken.yaml"
 METHODS = {
     "sft": (SSTOKEN, ["--token_scorer", "none"]),
     "random": (SSTOKEN, ["--token_scorer", "random"]),
-    "rho1": ("recipes/tiny/rho1.yaml", ["--reference_model", "{reference}"]),
-    "prior": ("recipes/tiny/prior.yaml", ["--reference_model", "{reference}"]),
+    "rho1": ("recipes/tiny/rho1.yaml", ["--token_scorer", "rho1", "--reference_model", "{reference}"]),
+    "rho1-small": ("recipes/tiny/rho1.yaml", ["--token_scorer", "rho1", "--reference_model", "{small_reference}"]),
+    "prior": ("recipes/tiny/prior.yaml", ["--token_scorer", "prior", "--reference_model", "{reference}",
+                                          "--reference_prompt_column", "null"]),
     "sstoken": (SSTOKEN, []),
     "sstoken-g0": (SSTOKEN, ["--gamma", "0"]),
     "sstoken-g1": (SSTOKEN, ["--gamma", "1", "--gamma_warmup_steps", "0"]),
     "sstoken-ema": (SSTOKEN, ["--history_model", "ema"]),
+    "sstoken-offline": (SSTOKEN, ["--history_model", "offline"]),
     "curate": (SSTOKEN, ["--token_scorer", "column", "--token_weights_column", "token_mask"]),
 }
-TRUTH = [("kept clean", "truth_kept_clean"), ("kept unlearnable", "truth_kept_unlearnable"),
-         ("kept learnable", "truth_kept_learnable"), ("kept other", "truth_kept_other"),
-         ("weight clean", "truth_weight_clean"), ("weight unlearnable", "truth_weight_unlearnable"),
-         ("weight learnable", "truth_weight_learnable"),
-         ("AUROC clean vs unlearnable", "truth_auroc_clean_vs_unlearnable"),
-         ("AUROC clean vs learnable", "truth_auroc_clean_vs_learnable")]
+TASKS = ("noisy-recall", "mapped-recall", "mapped-passkey")  # the last in real prose: --base a real model
+NOISE = ("unlearnable", "learnable", "boilerplate")  # noisy-recall has no boilerplate: its columns stay empty
+TRUTH = ([("kept clean", "truth_kept_clean")] + [(f"kept {kind}", f"truth_kept_{kind}") for kind in NOISE]
+         + [("kept other", "truth_kept_other"), ("weight clean", "truth_weight_clean")]
+         + [(f"weight {kind}", f"truth_weight_{kind}") for kind in NOISE]
+         + [(f"AUROC clean vs {kind}", f"truth_auroc_clean_vs_{kind}") for kind in NOISE])
 
 
 def common_overrides(model: str, out: Path, steps: int, seed: int) -> list[str]:
@@ -109,6 +121,28 @@ def truth_means(run_dir: Path) -> dict[str, float]:
     return means
 
 
+def with_history_losses(base: str, train: Path, output: Path, rows: int | None = None, max_length: int = 256,
+                        batch_size: int = 64) -> Path:
+    """`train` (its first `rows` rows) with a `history_loss` column: the base model's own per-token losses, as
+    `tokensieve curate --scorer reference_loss` writes them, under the name ssToken's offline history reads."""
+    if output.exists():
+        return output
+    from datasets import load_dataset
+    from tokensieve.data.curation import CurateConfig, curate
+    from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=base))
+    add_fused_lm_head(model)
+    data = load_dataset("json", data_files=str(train), split="train")
+    scored = output.with_name(output.stem + "-scored.jsonl")
+    curate(data.select(range(rows)) if rows else data, model.eval(), tokenizer, CurateConfig(
+        output=str(scored), scorer="reference_loss", batch_size=batch_size, report_examples=0, max_length=max_length))
+    load_dataset("json", data_files=str(scored), split="train").rename_column(
+        "token_scores", "history_loss").to_json(str(output), lines=True)
+    return output
+
+
 def curated(base: str, reference: Path, train: Path, out: Path) -> Path:
     """`tokensieve curate recipes/tiny/curate.yaml` on the noisy train split: token_mask = the top 60% of each
     response by the base's excess loss over the clean reference (the rows keep their noise_spans)."""
@@ -123,46 +157,71 @@ def curated(base: str, reference: Path, train: Path, out: Path) -> Path:
     return output
 
 
+def train_reference(recipe: str, base: str, folder: Path, train: Path, steps: int) -> Path:
+    """The base fine-tuned on clean rows (plain SFT, seed 0): a reference of Rho-1, PRIOR and curation."""
+    if not (folder / "config.json").exists() and not (folder / "adapter_config.json").exists():
+        run_recipe(recipe, common_overrides(base, folder, steps, 0) + data_overrides(train) + ["--token_scorer", "none"])
+    return folder
+
+
 def quality(args) -> None:
     from tokensieve.data.synthetic import make_task
 
     if not args.base:
         raise SystemExit("quality needs --base: the tiny recall base (bash recipes/base/tiny_recall.sh, or a "
                          "quickstart's base), which can already do associative recall")
-    out = Path(args.out)
+    out = Path(args.out) / args.task
     out.mkdir(parents=True, exist_ok=True)
-    noisy, clean = out / "noisy-recall", out / "noisy-recall-clean"
+    noisy, clean = out / "noisy", out / "clean"
     shares = {"unlearnable_share": args.unlearnable_share, "learnable_share": args.learnable_share}
-    make_task("noisy-recall", noisy, n=args.train_examples, seed=0, **shares)
-    make_task("noisy-recall", clean, n=args.train_examples, seed=101, unlearnable_share=0.0, learnable_share=0.0)
+    real = {"tokenizer": args.base, "prompt_tokens": args.prompt_tokens} if args.task == "mapped-passkey" else {}
+    make_task(args.task, noisy, n=args.train_examples, seed=0, **shares, **real)
+    make_task(args.task, clean, n=args.train_examples, seed=101, unlearnable_share=0.0, learnable_share=0.0, **real)
     test = noisy / "test.jsonl"
-    reference = out / "reference"
-    if not (reference / "config.json").exists():  # the base fine-tuned on clean data: Rho-1's and PRIOR's reference
-        run_recipe(SSTOKEN, common_overrides(args.base, reference, args.steps, 0) + data_overrides(
-            clean / "train.jsonl") + ["--token_scorer", "none"])
-    results = {"environment": environment(args.seeds), "base": args.base, "reference": str(reference),
-               "steps": args.steps, "seeds": args.seeds, "shares": shares, "test_examples": args.test_examples,
+    reference = train_reference(args.recipe or SSTOKEN, args.base, out / "reference", clean / "train.jsonl", args.steps)
+    small_reference = None
+    if "rho1-small" in args.methods:  # Rho-1's own setting: a reference trained on a small clean subset
+        small = clean / f"train-first{args.small_reference_examples}.jsonl"
+        if not small.exists():
+            lines = (clean / "train.jsonl").read_text().splitlines(keepends=True)
+            small.write_text("".join(lines[:args.small_reference_examples]))
+        small_reference = train_reference(args.recipe or SSTOKEN, args.base, out / f"reference-{args.small_reference_examples}",
+                                          small, args.steps)
+    results = {"environment": environment(args.seeds), "task": args.task, "base": args.base,
+               "recipe": args.recipe or "recipes/tiny/", "reference": str(reference), "steps": args.steps,
+               "seeds": args.seeds, "shares": shares,
+               "test_examples": args.test_examples, "small_reference_examples": args.small_reference_examples,
                "runs": {}}
     previous = out / "quality.json"
     if previous.exists():  # a later call with other --methods adds to the same table (same base, steps, data)
         earlier = json.loads(previous.read_text())
-        if all(earlier.get(k) == results[k] for k in ("base", "steps", "shares", "test_examples")):
+        if all(earlier.get(k) == results[k] for k in ("task", "base", "steps", "shares", "test_examples")):
             results["runs"] = {m: r for m, r in earlier["runs"].items() if m not in args.methods}
+            for key in ("small_reference_exact_match", "small_reference_examples"):
+                if "rho1-small" not in args.methods and key in earlier:
+                    results[key] = earlier[key]
     results["base_exact_match"] = exact_match(Path(args.base), test, args.test_examples)
     results["reference_exact_match"] = exact_match(reference, test, args.test_examples)
+    if small_reference is not None:
+        results["small_reference_exact_match"] = exact_match(small_reference, test, args.test_examples)
     for method in args.methods:
         recipe, extra = METHODS[method]
-        train = curated(args.base, reference, noisy / "train.jsonl", out) if method == "curate" else noisy / "train.jsonl"
+        train = noisy / "train.jsonl"
+        if method == "curate":
+            train = curated(args.base, reference, train, out)
+        elif method == "sstoken-offline":
+            train = with_history_losses(args.base, train, out / "noisy-history.jsonl")
         for seed in args.seeds:
             run_dir = out / "runs" / f"{method}-seed{seed}"
             start = time.time()
-            run_recipe(recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(train)
-                       + [x.format(reference=reference) for x in extra])
+            run_recipe(args.recipe or recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(train)
+                       + [x.format(reference=reference, small_reference=small_reference) for x in extra])
             seconds = time.time() - start
             score = exact_match(run_dir, test, args.test_examples)
             results["runs"].setdefault(method, []).append(
                 {"seed": seed, "exact_match": score, "train_seconds": seconds, "truth": truth_means(run_dir)})
-            print(f"[token_selection] {method} seed {seed}: exact match {score:.3f} ({seconds:.0f} s)", flush=True)
+            print(f"[token_selection] {args.task} {method} seed {seed}: exact match {score:.3f} ({seconds:.0f} s)",
+                  flush=True)
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
     write_quality_report(out, results)
 
@@ -175,12 +234,15 @@ def write_quality_report(out: Path, results: dict) -> None:
     plt = pyplot()
     shares = results["shares"]
     lines = [
-        "# Token selection on noisy-recall: clean-test exact match and selection against the ground truth", "",
+        f"# Token selection on {results['task']}: clean-test exact match and selection against the ground truth", "",
         *environment_lines(results["environment"]),
         f"Base: `{results['base']}` (exact match {results['base_exact_match']:.3f}); noise shares: unlearnable "
         f"{shares['unlearnable_share']}, learnable {shares['learnable_share']}; {results['steps']} steps per run; "
         f"seeds {results['seeds']}; {results['test_examples'] or 'all'} test examples; the reference (the base "
-        f"fine-tuned on clean data) {results['reference_exact_match']:.3f}.", "",
+        f"fine-tuned on clean data) {results['reference_exact_match']:.3f}"
+        + (f"; the small reference ({results['small_reference_examples']} clean rows) "
+           f"{results['small_reference_exact_match']:.3f}" if "small_reference_exact_match" in results else "")
+        + ".", "",
         "| method | exact match (mean ± std) | per seed |", "|---|---|---|",
     ]
     names, means, stds = [], [], []
@@ -189,24 +251,30 @@ def write_quality_report(out: Path, results: dict) -> None:
         mean, std = mean_std(scores)
         names.append(method), means.append(mean), stds.append(std)
         lines.append(f"| {method} | {mean:.3f} ± {std:.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
+    columns = [(label, key) for label, key in TRUTH  # the kinds this task has
+               if any(key in r["truth"] for runs in results["runs"].values() for r in runs)]
     lines += ["", "Selection against the ground truth (mean over seeds of each run's mean over its logged steps):", "",
-              "| method | " + " | ".join(label for label, _ in TRUTH) + " |", "|---" * (len(TRUTH) + 1) + "|"]
+              "| method | " + " | ".join(label for label, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for method, runs in results["runs"].items():
         cells = []
-        for _, key in TRUTH:
+        for _, key in columns:
             values = [r["truth"][key] for r in runs if key in r["truth"]]
             cells.append(f"{statistics.mean(values):.2f}" if values else "—")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
     left.bar(names, means, yerr=stds, capsize=4, color="#4c72b0")
     left.set_ylabel("clean-test exact match")
-    left.set_title(f"noisy-recall, {results['steps']} steps, {len(results['seeds'])} seeds")
+    left.set_title(f"{results['task']}, {results['steps']} steps, {len(results['seeds'])} seeds")
     left.tick_params(axis="x", rotation=45)
-    width = 0.25
-    for offset, (kind, color) in enumerate([("clean", "#55a868"), ("unlearnable", "#c44e52"), ("learnable", "#dd8452")]):
+    kinds = [(kind, color) for kind, color in [("clean", "#55a868"), ("unlearnable", "#c44e52"),
+                                               ("learnable", "#dd8452"), ("boilerplate", "#8172b2")]
+             if any(f"truth_kept_{kind}" in r["truth"] for runs in results["runs"].values() for r in runs)]
+    width = 0.8 / len(kinds)
+    for offset, (kind, color) in enumerate(kinds):
         kept = [statistics.mean([r["truth"].get(f"truth_kept_{kind}", float("nan")) for r in results["runs"][m]])
                 for m in names]
-        right.bar([i + (offset - 1) * width for i in range(len(names))], kept, width, label=kind, color=color)
+        right.bar([i + (offset - (len(kinds) - 1) / 2) * width for i in range(len(names))], kept, width, label=kind,
+                  color=color)
     right.set_xticks(range(len(names)), names, rotation=45)
     right.set_ylabel("share of tokens kept (weight > 0)")
     right.legend()
@@ -230,10 +298,10 @@ def overhead_worker(args) -> None:
     timer = step_timer()
     overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + [
         "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear",
-        "--data.datasets.0.path", args.data, "--data.eval_datasets", "[]", "--per_device_train_batch_size", "16",
-        "--max_length", "256",
+        "--data.datasets.0.path", args.data, "--data.eval_datasets", "[]", "--per_device_train_batch_size",
+        str(args.batch_size), "--max_length", str(args.max_length),
     ] + OVERHEAD_VARIANTS[args.variant]
-    run_recipe("recipes/tiny/sstoken.yaml", overrides, [timer])
+    run_recipe(args.recipe or SSTOKEN, overrides, [timer])
     steady = timer.times[5:]
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.variant, "median_step_s": statistics.median(steady), "steps": len(steady),
@@ -249,25 +317,15 @@ def overhead(args) -> None:
     base = args.base or make_base(out / "base")
     # Offline history losses: the base model's own per-token losses, as `tokensieve curate --scorer reference_loss`
     # writes them, stored under the column name the trainer reads.
-    data = out / "overhead-data.jsonl"
-    if not data.exists():
-        from tokensieve.data.curation import CurateConfig, curate
-        from tokensieve.launch.model import ModelArguments, load_model_and_tokenizer
-        from trl.trainer.utils import add_fused_lm_head
-
-        model, tokenizer = load_model_and_tokenizer(ModelArguments(name_or_path=base))
-        add_fused_lm_head(model)
-        rows = load_dataset("json", data_files=str(TRAIN), split="train").select(range(2048))
-        scored = out / "overhead-scored.jsonl"
-        curate(rows, model.eval(), tokenizer, CurateConfig(output=str(scored), scorer="reference_loss", batch_size=64,
-                                                           report_examples=0, max_length=256))
-        rows = load_dataset("json", data_files=str(scored), split="train").rename_column("token_scores", "history_loss")
-        rows.to_json(str(data), lines=True)
+    data = with_history_losses(base, Path(args.train), out / "overhead-data.jsonl", rows=args.batch_size * (args.steps + 2),
+                               max_length=args.max_length, batch_size=8)
     samples = {name: [] for name in OVERHEAD_VARIANTS}
     for _ in range(args.repeats):
         for variant in OVERHEAD_VARIANTS:
             command = [sys.executable, __file__, "overhead-worker", "--variant", variant, "--base", base,
-                       "--data", str(data), "--steps", str(args.steps), "--out", str(out)]
+                       "--data", str(data), "--steps", str(args.steps), "--out", str(out), "--batch-size",
+                       str(args.batch_size), "--max-length", str(args.max_length)] + (
+                           ["--recipe", args.recipe] if args.recipe else [])
             env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
             result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
             if result.returncode:
@@ -284,7 +342,8 @@ def overhead(args) -> None:
                      "peak_rss_mib": mem, "memory_ratio": mem / base_mem})
     env = environment()
     lines = ["# ssToken overhead vs plain SFT (same LoRA model, same batches)", "", *environment_lines(env),
-             f"Base `{base}` + LoRA r16 on all linear layers; batch 16; {args.steps} steps per run (first 5 dropped); "
+             f"Base `{base}` + LoRA r16 on all linear layers; rows of `{args.train}`, batch {args.batch_size}, at most "
+             f"{args.max_length} tokens; {args.steps} steps per run (first 5 dropped); "
              f"{args.repeats} alternating repeats; peak memory = peak resident set size of the process (CPU).", "",
              "| variant | median step (s) | step time / SFT | peak RSS (MiB) | memory / SFT |", "|---|---|---|---|---|"]
     for r in rows:
@@ -303,6 +362,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     q = commands.add_parser("quality", help="clean-test exact match of each method over seeds")
+    q.add_argument("--task", default="noisy-recall", choices=TASKS)
+    q.add_argument("--recipe", default=None,
+                   help="one recipe for every method, by overrides (default: the tiny recipes, recipes/tiny/)")
+    q.add_argument("--prompt-tokens", type=int, default=256, help="mapped-passkey: prompt length in tokens")
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     q.add_argument("--steps", type=int, default=300, help="steps of every run, the reference's too")
@@ -310,13 +373,20 @@ def main() -> None:
     q.add_argument("--unlearnable-share", type=float, default=0.25)
     q.add_argument("--learnable-share", type=float, default=0.35)
     q.add_argument("--test-examples", type=int, default=None, help="first N test examples (default: all 500)")
+    q.add_argument("--small-reference-examples", type=int, default=400,
+                   help="clean rows of rho1-small's reference (the first N of the clean train split)")
     o = commands.add_parser("overhead", help="step time and peak memory of ssToken vs SFT")
     o.add_argument("--steps", type=int, default=30)
     o.add_argument("--repeats", type=int, default=2)
+    o.add_argument("--train", default=str(TRAIN), help="prompt/completion rows (default: noisy-sft's train split)")
     w = commands.add_parser("overhead-worker")
     w.add_argument("--variant", choices=list(OVERHEAD_VARIANTS), required=True)
     w.add_argument("--data", required=True)
     w.add_argument("--steps", type=int, required=True)
+    for sub in (o, w):
+        sub.add_argument("--recipe", default=None, help=f"the recipe every variant runs (default {SSTOKEN})")
+        sub.add_argument("--batch-size", type=int, default=16)
+        sub.add_argument("--max-length", type=int, default=256)
     for sub in (q, o, w):
         sub.add_argument("--out", default=str(REPO / "outputs/bench/token_selection"))
         sub.add_argument("--base", default=None, help="a saved base model (overhead's default: a from-scratch one)")

@@ -274,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
         "make", parents=[debug], help="write a synthetic task's splits",
         description="Write <out>/<split>.jsonl and meta.json for a synthetic task; task options as --name value.",
     )
-    make.add_argument("task", help="task name: noisy-sft, noisy-recall, mqar, needle-qa, conditioned, induction; on "
-                      "real prose (need --tokenizer DIR): passkey, named-keys, facts, lm-text")
+    make.add_argument("task", help="task name: noisy-sft, noisy-recall, mapped-recall, mqar, needle-qa, conditioned, "
+                      "induction; on real prose (need --tokenizer DIR): passkey, named-keys, facts, lm-text, "
+                      "mapped-passkey")
     make.add_argument("--out", required=True, help="output folder")
     make.add_argument("--n", type=int, default=None, help="number of training examples (default: the task's)")
     make.add_argument("--seed", type=int, default=0, help="random seed")

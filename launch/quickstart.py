@@ -3,15 +3,20 @@
     tokensieve quickstart [--out outputs/quickstart] [--base outputs/base/tiny_recall] [--steps-scale 1]
 
 Stages, each in its own folder under --out (a stage is finished when its stage.json is written):
-    data            the synthetic tasks, made by the commands in data/tasks/<task>/meta.json (noisy-sft, mqar,
-                    needle-qa, and a clean noisy-sft), and the base's datasets, made by the `tokensieve data make`
-                    lines of recipes/base/tiny_recall.sh
+    data            the synthetic tasks: mqar and needle-qa by the commands in data/tasks/<task>/meta.json; the two
+                    grounds of token selection, noisy-recall and mapped-recall (noisy train rows, a clean copy for the
+                    references); and the base's datasets, made by the `tokensieve data make` lines of
+                    recipes/base/tiny_recall.sh
     base            the tiny recall base from scratch, as recipes/base/tiny_recall.sh trains it (skipped with --base)
-    reference       the base fine-tuned on clean noisy-sft: Rho-1's, PRIOR's and curation's reference
+    reference       the base fine-tuned on clean noisy-recall: Rho-1's, PRIOR's and curation's reference
     sft, rho1, prior, sstoken
-                    the base fine-tuned on noisy noisy-sft: plain SFT and the token-selection methods (recipes/tiny/)
+                    the base fine-tuned on noisy-recall (the base already does its clean task; the noise is in the
+                    answers): plain SFT and the token-selection methods (recipes/tiny/)
     curate          `tokensieve curate` (excess loss over the reference, top 60% per response), then the base
                     fine-tuned on the curated token_mask only
+    mapped_sft, mapped_sstoken
+                    plain SFT and ssToken on mapped-recall, where the base cannot do the clean task before fine-tuning
+                    (the ground ssToken was made for: its history score favours what the model is learning)
 The token-selection stages fine-tune every weight, as the benchmark does (LoRA r16 on this 1M-parameter base stayed
 at exact match 0.01 after 150 steps where full fine-tuning reached 0.085); `--lora` trains LoRA adapters instead.
     trim_kv         TRIM-KV retention gates on the frozen base (recipes/tiny/trim_kv.yaml)
@@ -50,11 +55,14 @@ from tokensieve.errors import TokensieveError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASE_SCRIPT = "recipes/base/tiny_recall.sh"
-TASKS = ("noisy-sft", "mqar", "needle-qa")  # the tasks the method recipes read (data/tasks/<task>/)
+SHIPPED_TASKS = ("mqar", "needle-qa")  # the tasks the method recipes read, made as data/tasks/<task>/meta.json says
+TOKEN_TASKS = ("noisy-recall", "mapped-recall")  # the token-selection grounds: noisy train rows and a clean copy
+TOKEN_ROWS = 5000  # train rows of each ground (the stages read TOKEN_STEPS * TOKEN_BATCH of them)
+TASKS = TOKEN_TASKS + SHIPPED_TASKS  # the table's columns
 LORA = ["--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules",
         "all-linear"]
 TOKEN_BATCH = 32  # per_device_train_batch_size of the recipes/tiny token-selection recipes
-TOKEN_STEPS = 200
+TOKEN_STEPS = 150
 RECALL = ("mqar", "needle-qa")
 # The gates' cache in the table: 32 + 8 tokens per layer and kv head, about 25% of a prompt. (The recipe trains at
 # M = 22; a needle-qa row holds 32 facts, and gates that cannot know the question keep all of them only from 32 up.)
@@ -87,7 +95,7 @@ class Eval:
 
     row: str
     title: str
-    tasks: tuple[str, ...]
+    tasks: tuple[str, ...]  # names in TASKS
     args: tuple[str, ...] = ()
     export: str | None = None  # another stage's export (default: the stage's own)
 
@@ -106,25 +114,34 @@ class Stage:
     extra: tuple[str, ...] = ()
     exports: str = "model"
     evals: tuple[Eval, ...] = ()
+    task: str | None = None  # a token-selection stage's ground (TOKEN_TASKS): it trains on that task's noisy rows
 
 
-def _token_stage(name: str, recipe: str, title: str, extra: tuple[str, ...] = ()) -> Stage:
-    return Stage(name, title, recipe=recipe, steps=TOKEN_STEPS, extra=extra, evals=(Eval(name, title, ("noisy-sft",)),))
+def _token_stage(name: str, task: str, recipe: str, title: str, extra: tuple[str, ...] = ()) -> Stage:
+    return Stage(name, title, recipe=recipe, steps=TOKEN_STEPS, extra=extra, evals=(Eval(name, title, (task,)),),
+                 task=task)
 
 
 STAGES = (
     Stage("data", "synthetic tasks", kind="data"),
-    Stage("base", "tiny recall base", kind="base", evals=(Eval("base", "tiny recall base, full KV cache", RECALL),)),
-    _token_stage("reference", "recipes/tiny/sstoken.yaml", "SFT on clean noisy-sft (the reference)",
+    Stage("base", "tiny recall base", kind="base", evals=(Eval("base", "tiny recall base, full KV cache", TASKS),)),
+    _token_stage("reference", "noisy-recall", "recipes/tiny/sstoken.yaml", "SFT on clean noisy-recall (the reference)",
                  ("--token_scorer", "none", "--data.datasets.0.path", "{clean}")),
-    _token_stage("sft", "recipes/tiny/sstoken.yaml", "plain SFT", ("--token_scorer", "none")),
-    _token_stage("rho1", "recipes/tiny/rho1.yaml", "Rho-1, top 60% by excess loss",
+    _token_stage("sft", "noisy-recall", "recipes/tiny/sstoken.yaml", "plain SFT", ("--token_scorer", "none")),
+    _token_stage("rho1", "noisy-recall", "recipes/tiny/rho1.yaml", "Rho-1, top 60% by excess loss",
                  ("--reference_model", "{reference}")),
-    _token_stage("prior", "recipes/tiny/prior.yaml", "PRIOR-style weights", ("--reference_model", "{reference}")),
-    _token_stage("sstoken", "recipes/tiny/sstoken.yaml", "ssToken, top 60% per response"),
-    _token_stage("curate", "recipes/tiny/sstoken.yaml", "curated token_mask (excess loss), then SFT on it",
+    _token_stage("prior", "noisy-recall", "recipes/tiny/prior.yaml",
+                 "PRIOR-style weights (need a reference without a condition; a clean one favours the noise)",
+                 ("--reference_model", "{reference}")),
+    _token_stage("sstoken", "noisy-recall", "recipes/tiny/sstoken.yaml",
+                 "ssToken, top 60% per response (history: the base, which already knows the clean answers)"),
+    _token_stage("curate", "noisy-recall", "recipes/tiny/sstoken.yaml",
+                 "curated token_mask (excess loss), then SFT on it",
                  ("--token_scorer", "column", "--token_weights_column", "token_mask", "--data.datasets.0.path",
-                  "{curated}", "--data.eval_datasets", "[]")),  # the test split has no token_mask column
+                  "{curated}")),
+    _token_stage("mapped_sft", "mapped-recall", "recipes/tiny/sstoken.yaml", "plain SFT", ("--token_scorer", "none")),
+    _token_stage("mapped_sstoken", "mapped-recall", "recipes/tiny/sstoken.yaml",
+                 "ssToken, top 60% per response (the base cannot answer yet)"),
     Stage("trim_kv", "TRIM-KV retention gates", recipe="recipes/tiny/trim_kv.yaml", steps=300, exports="gates",
           evals=(Eval("trim_kv", "TRIM-KV gates, bounded KV cache", RECALL, GATE_CACHE),)),
     Stage("trim_kv_evict", "the gates fine-tuned with eviction", recipe="recipes/tiny/trim_kv_evict.yaml", steps=100,
@@ -267,15 +284,17 @@ class Quickstart:
     # --- stages -----------------------------------------------------------------------------------------------
 
     def _stage_data(self, folder: Path) -> dict:
-        """The method tasks from their shipped meta.json commands, a clean noisy-sft, and the base's data."""
-        for task in TASKS:
+        """The method tasks from their shipped meta.json commands, the token grounds (noisy, and a clean copy with
+        another seed: the reference's), and the base's data."""
+        for task in SHIPPED_TASKS:
             meta = json.loads((REPO_ROOT / "data/tasks" / task / "meta.json").read_text())
             tokens, source = with_out(shlex.split(meta["command"])[1:], folder / "tasks" / task)
             run_cli(tokens)
             self.data_folders[source] = folder / "tasks" / task
-        # Rho-1's, PRIOR's and curation's reference trains on a clean noisy-sft (no noise words, no boilerplate).
-        run_cli(["data", "make", "noisy-sft", "--out", str(self.clean_train.parent), "--n", "2000", "--seed", "101",
-                 "--noise_fraction", "0", "--boilerplate_fraction", "0"])
+        for task in TOKEN_TASKS:  # the test split (seed 0) is the same as data/tasks/noisy-recall's
+            run_cli(["data", "make", task, "--out", str(self.token_data(task)), "--n", str(TOKEN_ROWS), "--seed", "0"])
+            run_cli(["data", "make", task, "--out", str(self.token_data(task, clean=True)), "--n", str(TOKEN_ROWS),
+                     "--seed", "101", "--unlearnable_share", "0", "--learnable_share", "0"])
         if not self.given_base:
             for tokens in script_commands(REPO_ROOT / BASE_SCRIPT):
                 if tokens[:2] == ["data", "make"]:
@@ -301,10 +320,14 @@ class Quickstart:
         name, recipe_name, extra = stage.name, stage.recipe, stage.extra
         recipe = REPO_ROOT / recipe_name
         steps = self._steps(stage.steps)
-        fill = {"reference": str(self.out / "reference"), "clean": str(self.clean_train),
-                "curated": str(self.out / "curate" / "curated.parquet"), "anneal": str(max(steps * 2 // 3, 1)),
-                "trim_kv": str(self.out / "trim_kv")}
-        overrides = data_overrides(recipe, self.data_folders) + [x.format(**fill) for x in extra] + [
+        fill = {"anneal": str(max(steps * 2 // 3, 1)), "trim_kv": str(self.out / "trim_kv")}
+        data = data_overrides(recipe, self.data_folders)
+        if stage.task:  # a token ground: its noisy rows (or the clean copy, the curated rows), no eval split
+            fill.update(reference=str(self.out / "reference"), clean=str(self.token_data(stage.task, True) / "train.jsonl"),
+                        curated=str(self.out / "curate" / "curated.parquet"))
+            data = ["--data.datasets", json.dumps([{"path": str(self.token_data(stage.task) / "train.jsonl")}]),
+                    "--data.eval_datasets", "[]"]
+        overrides = data + [x.format(**fill) for x in extra] + [
             "--training.output_dir", str(folder), "--max_steps", str(steps), "--logging_steps", str(max(steps // 5, 1)),
             "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[wandb]",
             "--run_name", f"quickstart-{name}", "--model.name_or_path", self.base]
@@ -315,19 +338,18 @@ class Quickstart:
         files = EXPORT_FILES[exports]
         record = {}
         if name == "curate":
-            record["curation"] = self._curate(folder, steps * TOKEN_BATCH)
+            record["curation"] = self._curate(folder, self.token_data(stage.task) / "train.jsonl", steps * TOKEN_BATCH)
         self._train(recipe, overrides)
         self._check_export(folder, files)
         return {**record, "export": str(folder), "recipe": recipe_name, "steps": steps, "overrides": overrides}
 
-    def _curate(self, folder: Path, rows: int) -> dict:
-        """`tokensieve curate recipes/tiny/curate.yaml`: score the base's tokens against the reference."""
+    def _curate(self, folder: Path, train: Path, rows: int) -> dict:
+        """`tokensieve curate recipes/tiny/curate.yaml` on `train`: score the base's tokens against the reference."""
         from tokensieve.launch.curate import run_curation
         from tokensieve.launch.recipe import load_curate_recipe
 
         recipe = REPO_ROOT / "recipes/tiny/curate.yaml"
-        overrides = data_overrides(recipe, self.data_folders) + [
-            "--model.name_or_path", self.base, "--reference_model", str(self.out / "reference"),
+        overrides = ["--data.datasets", json.dumps([{"path": str(train)}]), "--model.name_or_path", self.base, "--reference_model", str(self.out / "reference"),
             "--output", str(folder / "curated.parquet"), "--data.max_train_samples", str(rows)]
         summary = run_curation(load_curate_recipe(recipe, overrides))
         print(f"[quickstart] curate: kept {summary['kept_tokens']} of {summary['response_tokens']} response tokens "
@@ -337,9 +359,9 @@ class Quickstart:
     def export_of(self, stage: str) -> str:
         return self.base if stage == "base" else str(self.out / stage)
 
-    @property
-    def clean_train(self) -> Path:
-        return self.out / "data" / "tasks" / "noisy-sft-clean" / "train.jsonl"
+    def token_data(self, task: str, clean: bool = False) -> Path:
+        """The folder of a token ground's noisy rows (or of its clean copy)."""
+        return self.out / "data" / "tasks" / (f"{task}-clean" if clean else task)
 
     def _train(self, recipe: Path, overrides: list[str]) -> None:
         from tokensieve.launch.launcher import launch
@@ -356,7 +378,8 @@ class Quickstart:
     def _stage_reload(self, folder: Path) -> dict:
         """Each export in a fresh `python -m tokensieve eval` process; returns {row name: results per task}."""
         tests = {task: str(self.data_folders.get(f"data/tasks/{task}", REPO_ROOT / "data/tasks" / task) / "test.jsonl")
-                 for task in TASKS}
+                 for task in SHIPPED_TASKS}
+        tests.update({task: str(self.token_data(task) / "test.jsonl") for task in TOKEN_TASKS})
         runs = [(e.row, self.export_of(e.export or stage.name), [tests[t] for t in e.tasks], list(e.args))
                 for stage in STAGES for e in stage.evals]
         results = {}
@@ -400,8 +423,8 @@ def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
     reload = stages["reload"]["results"]
     # (row, title, the stage whose steps and seconds it shows: none for a row that reuses another stage's export)
     rows = [(e.row, e.title, stage.name if e.export is None else None) for stage in STAGES for e in stage.evals]
-    lines = ["| stage | method | steps | train s | noisy-sft (clean test) | mqar | needle-qa |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | method | steps | train s | noisy-recall (clean test) | mapped-recall (clean test) | mqar "
+             "| needle-qa |", "|---|---|---|---|---|---|---|---|"]
     for name, title, stage in rows:
         tasks = reload[name]["tasks"]
         cells = []
@@ -421,9 +444,12 @@ def results_table(stages: dict, test_rows: int, lora: bool = False) -> str:
     total = sum(record.get("seconds", 0) for record in stages.values())
     tuned = "LoRA r16 adapters on the base" if lora else "the base, every weight"
     lines += ["", f"Exact match of greedy answers on {test_rows} rows (drawn with seed 0) of each test split, every "
-              f"export reloaded in a fresh `tokensieve eval` process. noisy-sft rows: {tuned}, fine-tuned on noisy-sft "
-              f"(30% of answer words noise, 30% of answers in boilerplate); Rho-1, PRIOR and the curation score "
-              f"against the reference. KV cache of the gates and StreamingLLM: {gates.get('memory_size')} + "
+              f"export reloaded in a fresh `tokensieve eval` process. Token-selection rows: {tuned}, fine-tuned on "
+              f"noisy training answers (25% a random word, 35% the asked key echoed back, 40% right), scored on the "
+              f"clean test split. noisy-recall: the base already answers it, and the methods must avoid the noise; "
+              f"Rho-1, PRIOR and the curation score against the reference. mapped-recall (answer the recalled "
+              f"value's partner under a fixed mapping, plus boilerplate the base already predicts): the base "
+              f"cannot answer before fine-tuning. KV cache of the gates and StreamingLLM: {gates.get('memory_size')} + "
               f"{gates.get('buffer_size')} tokens per layer and kv head. Short runs that exercise every stage, not "
               f"the benchmark results. Stage times add up to {total:.0f} s."]
     return "\n".join(lines)

@@ -15,9 +15,11 @@ import torch
 # Kind ids as stored in a dataset's `token_kinds` column (one per response token, written by the tokenization from
 # the rows' `noise_spans`): 0 is a token outside the response (never scored).
 KINDS_COLUMN = "token_kinds"
-KINDS = ("other", "clean", "unlearnable", "learnable")
+# unlearnable: a random word, nothing to learn; learnable: wrong by a fixed rule the model can learn; boilerplate:
+# tokens the model already predicts that carry nothing about the task (mapped-recall's repeated prompt words).
+KINDS = ("other", "clean", "unlearnable", "learnable", "boilerplate")
 KIND_IDS = {name: index + 1 for index, name in enumerate(KINDS)}
-NOISE_KINDS = ("unlearnable", "learnable")
+NOISE_KINDS = ("unlearnable", "learnable", "boilerplate")
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float | None:

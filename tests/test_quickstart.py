@@ -14,6 +14,7 @@ from conftest import save_tiny_base
 
 EXPORTS = {"reference": "model.safetensors", "sft": "model.safetensors", "rho1": "model.safetensors",
            "prior": "model.safetensors", "sstoken": "model.safetensors", "curate": "model.safetensors",
+           "mapped_sft": "model.safetensors", "mapped_sstoken": "model.safetensors",
            "trim_kv": "gates.safetensors", "trim_kv_evict": "gates.safetensors",
            "query_selector": "selector.safetensors"}
 
@@ -72,7 +73,7 @@ def test_quickstart_on_a_tiny_base(tmp_path, capsys):
     from tokensieve.launch.tokenizer import build_tokenizer
 
     # A tokenizer that knows the tasks' words, as the real base's does: the recall prompts then fit max_length.
-    texts = [line for task in ("mqar", "needle-qa", "noisy-sft")
+    texts = [line for task in ("mqar", "needle-qa", "noisy-recall")
              for line in (REPO_ROOT / "data/tasks" / task / "train.jsonl").read_text().splitlines()[:300]]
     base = save_tiny_base(tmp_path / "base", build_tokenizer(texts, vocab_size=1280))
     out = tmp_path / "qs"
@@ -91,6 +92,8 @@ def test_quickstart_on_a_tiny_base(tmp_path, capsys):
         assert written["model"] == reload[name]["export"]
         assert reload[name]["command"].startswith("-m tokensieve eval ")
         assert all(entry["examples"] == 8 for entry in reload[name]["tasks"].values())
+    assert set(reload["base"]["tasks"]) == {"noisy-recall", "mapped-recall", "mqar", "needle-qa"}
+    assert set(reload["mapped_sstoken"]["tasks"]) == {"mapped-recall"} and set(reload["rho1"]["tasks"]) == {"noisy-recall"}
     assert reload["trim_kv"]["tasks"]["mqar"]["memory_size"] == 32
     assert reload["trim_kv_evict"]["tasks"]["needle-qa"]["memory_size"] == 32
     assert 0 < reload["query_selector"]["tasks"]["needle-qa"]["kept_share"] <= 1

@@ -134,6 +134,29 @@ def test_test_rows_use_held_out_phrasings(module, task, tokenizer_dir, tmp_path)
     assert all(any(c.startswith(t) for t in train) for c in cues("train"))
 
 
+def test_mapped_passkey_asks_for_the_shifted_key_with_noise_and_boilerplate(tokenizer_dir, tmp_path):
+    from tokensieve.data.real.mapped_passkey import CUES, shift
+
+    assert shift("58213", 1) == "69324" and shift("09990", 1) == "10001" and shift("58213", -1) == "47102"
+    rows = make("mapped-passkey", tokenizer_dir, tmp_path, "train", 60, unlearnable_share=0.3, learnable_share=0.3)
+    kinds = []
+    for row in rows:
+        key, prompt = row["key"], row["prompt"]
+        assert row["answer"] == shift(key, 1) and key in prompt[slice(*row["needle_char_span"])]
+        assert row["answer"] not in prompt  # the shifted key is never written in the prose by chance
+        assert any(prompt.endswith(cue) for cue in CUES["train"])
+        (answer, tail), completion = row["noise_spans"], row["completion"]
+        word = completion[answer["start"]:answer["end"]]
+        assert word == {"clean": shift(key, 1), "learnable": shift(key, -1)}.get(answer["kind"], word)
+        assert len(word) == 5 and word.isdigit() and (answer["kind"] != "unlearnable" or word != row["answer"])
+        assert tail["kind"] == "boilerplate" and completion[tail["start"]:tail["end"]] == f"The pass key is {key}."
+        kinds.append(answer["kind"])
+    assert {"clean", "unlearnable", "learnable"} == set(kinds)
+    for row in make("mapped-passkey", tokenizer_dir, tmp_path / "test", "test", 6):
+        assert row["completion"] == " " + shift(row["key"], 1) and len(row["noise_spans"]) == 1
+        assert any(row["prompt"].endswith(cue) for cue in CUES["held_out"])
+
+
 def test_facts_held_out_statements_are_not_in_training(tokenizer_dir, tmp_path):
     held_out = [s.split("{p}")[0] for _, statements, _ in facts.RELATIONS.values() for s in statements["held_out"]]
     for row in make("facts", tokenizer_dir, tmp_path, "train", 12):

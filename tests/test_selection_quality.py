@@ -90,6 +90,44 @@ def test_noisy_recall_is_deterministic_and_its_spans_point_at_the_noised_words(t
     assert json.loads(written["meta"].read_text())["options"]["learnable_share"] == 0.5
 
 
+def test_mapped_recall_answers_the_partner_and_marks_noise_and_boilerplate(tiny_tokenizer):
+    from tokensieve.data.synthetic.mapped_recall import MAPPING
+
+    assert sorted(MAPPING) == sorted(MAPPING.values()) == sorted(VALUES)  # a permutation of the values...
+    assert all(value != partner for value, partner in MAPPING.items())  # ...that moves every one
+    options = build_options("mapped-recall", {"unlearnable_share": 0.3, "learnable_share": 0.4, "boilerplate_words": 5})
+    rows = TASKS["mapped-recall"].generate("train", 300, 7, options)
+    assert rows == TASKS["mapped-recall"].generate("train", 300, 7, options)
+    counts = {"clean": 0, "unlearnable": 0, "learnable": 0}
+    for row in rows:
+        words = row["prompt"].split()[:-2]  # the context, without " ? KEY"
+        binding = {words[i]: words[i + 1] for i in range(len(words) - 1) if words[i].isupper()}
+        *answer_spans, tail = row["noise_spans"]
+        assert tail["kind"] == "boilerplate" and row["completion"][tail["start"]:tail["end"]] == " ".join(words[:5])
+        assert row["completion"].endswith(" ; " + " ".join(words[:5]))
+        for span, answer, key in zip(answer_spans, row["answers"], row["queries"], strict=True):
+            assert answer == MAPPING[binding[key]]  # the partner of the bound value, never the value itself
+            word = row["completion"][span["start"]:span["end"]]
+            counts[span["kind"]] += 1
+            assert word == {"clean": answer, "learnable": key}.get(span["kind"], word)
+            assert span["kind"] != "unlearnable" or (word != answer and word in NOISE_POOL)
+    total = sum(counts.values())
+    assert abs(counts["unlearnable"] / total - 0.3) < 0.05 and abs(counts["learnable"] / total - 0.4) < 0.05
+    test = TASKS["mapped-recall"].generate("test", 50, 7, options)
+    for row in test:  # one clean question, no boilerplate; the bound value (what recall answers) is wrong
+        words = row["prompt"].split()
+        bound = words[words.index(row["queries"][0]) + 1]
+        assert row["completion"] == " " + row["answer"] and row["answer"] == MAPPING[bound] != bound
+        assert row["noise_spans"] == [{"start": 1, "end": len(row["completion"]), "kind": "clean"}]
+    dataset = tokenize_prompt_completion(Dataset.from_list(rows[:10]), tiny_tokenizer)
+    for row, tokenized in zip(rows, dataset):
+        response = [t for t, label in zip(tokenized["input_ids"], tokenized["labels"]) if label != -100]
+        boilerplate = [t for t, kind in zip(response, tokenized[KINDS_COLUMN]) if kind == KIND_IDS["boilerplate"]]
+        assert tiny_tokenizer.decode(boilerplate).replace(" ", "") == row["completion"].split(" ; ")[1].replace(" ", "")
+    with pytest.raises(TokensieveError, match="boilerplate_words must be in"):
+        build_options("mapped-recall", {"boilerplate_words": 100})
+
+
 def test_tokenized_kinds_line_up_with_the_response_tokens(tiny_tokenizer):
     options = build_options("noisy-recall", {"unlearnable_share": 0.3, "learnable_share": 0.4})
     rows = TASKS["noisy-recall"].generate("train", 20, 1, options)

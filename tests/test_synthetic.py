@@ -22,8 +22,8 @@ def rows(task, split="train", n=400, seed=0, **options):
 
 
 def test_registry_names_all_tasks():
-    assert set(TASKS) == {"noisy-sft", "noisy-recall", "mqar", "needle-qa", "conditioned", "induction",
-                          "passkey", "named-keys", "facts", "lm-text"}
+    assert set(TASKS) == {"noisy-sft", "noisy-recall", "mapped-recall", "mqar", "needle-qa", "conditioned", "induction",
+                          "passkey", "named-keys", "facts", "lm-text", "mapped-passkey"}
     assert TASKS["noisy-sft"] is noisy_sft and TASKS["conditioned"] is conditioned
 
 

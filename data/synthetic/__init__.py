@@ -23,6 +23,7 @@ from tokensieve.files import replace_atomically
 _TASK_MODULES = {
     "noisy-sft": "tokensieve.data.synthetic.noisy_sft",
     "noisy-recall": "tokensieve.data.synthetic.noisy_recall",
+    "mapped-recall": "tokensieve.data.synthetic.mapped_recall",
     "mqar": "tokensieve.data.synthetic.mqar",
     "needle-qa": "tokensieve.data.synthetic.needle_qa",
     "conditioned": "tokensieve.data.synthetic.conditioned",
@@ -32,6 +33,7 @@ _TASK_MODULES = {
     "named-keys": "tokensieve.data.real.named_keys",
     "facts": "tokensieve.data.real.facts",
     "lm-text": "tokensieve.data.real.lm_text",
+    "mapped-passkey": "tokensieve.data.real.mapped_passkey",
 }
 
 

@@ -27,6 +27,16 @@ KINDS = ("clean", "unlearnable", "learnable")
 NOISE_POOL = tuple(filler_words()) + tuple(VALUES)
 
 
+def check_noise_shares(unlearnable_share: float, learnable_share: float) -> None:
+    """Each share in [0, 1], and together at most 1 (the rest of the answers are clean)."""
+    for name, value in (("unlearnable_share", unlearnable_share), ("learnable_share", learnable_share)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value}")
+    if unlearnable_share + learnable_share > 1.0:
+        raise ValueError(f"unlearnable_share + learnable_share must be <= 1, got {unlearnable_share} + "
+                         f"{learnable_share}")
+
+
 @dataclass
 class Options:
     """Options of the noisy-recall task."""
@@ -40,12 +50,7 @@ class Options:
     train_queries: int = field(default=8, metadata={"help": "Questions per training row; test rows ask one."})
 
     def __post_init__(self):
-        for name in ("unlearnable_share", "learnable_share"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.unlearnable_share + self.learnable_share > 1.0:
-            raise ValueError(f"unlearnable_share + learnable_share must be <= 1, got "
-                             f"{self.unlearnable_share} + {self.learnable_share}")
+        check_noise_shares(self.unlearnable_share, self.learnable_share)
         if not 1 <= self.num_pairs <= len(KEYS):
             raise ValueError(f"num_pairs must be in [1, {len(KEYS)}], got {self.num_pairs}")
         if self.context_words < 2 * self.num_pairs:
@@ -57,13 +62,13 @@ class Options:
 OPTIONS = Options
 
 
-def _context(rng: random.Random, options: Options) -> tuple[list[str], list[tuple[str, str]]]:
-    """Context words and the pairs in the order they appear."""
-    keys = rng.sample(KEYS, options.num_pairs)
-    values = rng.sample(VALUES, options.num_pairs)
+def context_pairs(rng: random.Random, num_pairs: int, context_words: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Context words (filler holding `num_pairs` key-value pairs) and the pairs in the order they appear."""
+    keys = rng.sample(KEYS, num_pairs)
+    values = rng.sample(VALUES, num_pairs)
     filler = filler_words()
-    num_slots = options.context_words - options.num_pairs
-    slots = set(rng.sample(range(num_slots), options.num_pairs))
+    num_slots = context_words - num_pairs
+    slots = set(rng.sample(range(num_slots), num_pairs))
     words, pairs = [], []
     for slot in range(num_slots):
         if slot in slots:
@@ -75,40 +80,55 @@ def _context(rng: random.Random, options: Options) -> tuple[list[str], list[tupl
     return words, pairs
 
 
-def _noisy_value(rng: random.Random, options: Options, pairs, index: int) -> tuple[str, str]:
-    clean = pairs[index][1]
+def _noisy_answer(rng: random.Random, options: Options, key: str, right: str) -> tuple[str, str]:
+    """A training answer and its kind: the right one, a random pool word, or the asked key echoed."""
     draw = rng.random()
     if draw < options.unlearnable_share:
-        return rng.choice([w for w in NOISE_POOL if w != clean]), "unlearnable"
+        return rng.choice([w for w in NOISE_POOL if w != right]), "unlearnable"
     if draw < options.unlearnable_share + options.learnable_share:
-        return pairs[index][0], "learnable"
-    return clean, "clean"
+        return key, "learnable"
+    return right, "clean"
 
 
-def generate(split: str, n: int, seed: int, options: Options) -> list[dict]:
-    """`n` rows of `split`, deterministic in the arguments; noise only in the train split."""
-    rng = random.Random(f"{TASK}/{split}/{seed}")
+def recall_rows(task: str, split: str, n: int, seed: int, options: Options, answer_of=None,
+                boilerplate_words: int = 0) -> list[dict]:
+    """`n` rows of a noisy recall task: the right answer to "? KEY" is `answer_of(bound value)` (default: the value
+    itself); in the train split each answer is noised as `options` say and, with `boilerplate_words`, the completion
+    ends with " ; " and that many of the prompt's first words (a "boilerplate" span)."""
+    rng = random.Random(f"{task}/{split}/{seed}")
     train = split == "train"
     rows = []
     for _ in range(n):
-        words, pairs = _context(rng, options)
+        words, pairs = context_pairs(rng, options.num_pairs, options.context_words)
         asked = [rng.randrange(len(pairs)) for _ in range(options.train_queries if train else 1)]
         completion, spans, answers = "", [], []
         for number, index in enumerate(asked):
-            value, kind = _noisy_value(rng, options, pairs, index) if train else (pairs[index][1], "clean")
+            key, value = pairs[index]
+            right = answer_of(value) if answer_of else value
+            answer, kind = _noisy_answer(rng, options, key, right) if train else (right, "clean")
             if number:
-                completion += f" ? {pairs[index][0]}"
+                completion += f" ? {key}"
             completion += " "
-            spans.append({"start": len(completion), "end": len(completion) + len(value), "kind": kind})
-            completion += value
-            answers.append(pairs[index][1])
+            spans.append({"start": len(completion), "end": len(completion) + len(answer), "kind": kind})
+            completion += answer
+            answers.append(right)
+        if train and boilerplate_words:
+            completion += " ; "
+            tail = " ".join(words[:boilerplate_words])
+            spans.append({"start": len(completion), "end": len(completion) + len(tail), "kind": "boilerplate"})
+            completion += tail
         rows.append({
             "prompt": " ".join(words) + f" ? {pairs[asked[0]][0]}",
             "completion": completion,
-            "task": TASK,
+            "task": task,
             "answer": answers[0],
             "queries": [pairs[index][0] for index in asked],
             "answers": answers,
             "noise_spans": spans,
         })
     return rows
+
+
+def generate(split: str, n: int, seed: int, options: Options) -> list[dict]:
+    """`n` rows of `split`, deterministic in the arguments; noise only in the train split."""
+    return recall_rows(TASK, split, n, seed, options)
