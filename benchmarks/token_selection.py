@@ -3,6 +3,10 @@ ground truth, and the step-time / memory overhead.
 
     python benchmarks/token_selection.py quality --base outputs/base/tiny_recall [--task noisy-recall] [--seeds 0 1 2]
     python benchmarks/token_selection.py overhead [--steps 30]
+    python benchmarks/token_selection.py quality --task mapped-passkey --base models/SmolLM2-135M-Instruct \
+        --recipe recipes/smollm2/token_selection.yaml --steps 150 --train-examples 1000 --prompt-tokens 128
+    python benchmarks/token_selection.py overhead --base models/SmolLM2-135M-Instruct --recipe \
+        recipes/smollm2/token_selection.yaml --train FILE --batch-size 4 --max-length 192 --steps 12
 
 quality: every method fine-tunes the tiny recall base (fully) with the tiny recipes in recipes/tiny/ on the noisy
 train split of --task and is scored by greedy exact match on its clean test split. The two grounds:
@@ -296,8 +300,9 @@ def overhead_worker(args) -> None:
     import resource
 
     timer = step_timer()
-    overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + [
-        "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear",
+    lora = [] if args.recipe else [  # a given recipe brings its own LoRA; the tiny recipe fine-tunes every weight
+        "--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0", "--peft.target_modules", "all-linear"]
+    overrides = common_overrides(args.base, Path(args.out) / "overhead-run", args.steps, 0) + lora + [
         "--data.datasets.0.path", args.data, "--data.eval_datasets", "[]", "--per_device_train_batch_size",
         str(args.batch_size), "--max_length", str(args.max_length),
     ] + OVERHEAD_VARIANTS[args.variant]
@@ -312,7 +317,7 @@ def overhead(args) -> None:
     import torch
     from datasets import load_dataset
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()  # the workers run from the repository root
     out.mkdir(parents=True, exist_ok=True)
     base = args.base or make_base(out / "base")
     # Offline history losses: the base model's own per-token losses, as `tokensieve curate --scorer reference_loss`
@@ -342,7 +347,7 @@ def overhead(args) -> None:
                      "peak_rss_mib": mem, "memory_ratio": mem / base_mem})
     env = environment()
     lines = ["# ssToken overhead vs plain SFT (same LoRA model, same batches)", "", *environment_lines(env),
-             f"Base `{base}` + LoRA r16 on all linear layers; rows of `{args.train}`, batch {args.batch_size}, at most "
+             f"Base `{base}` + LoRA ({args.recipe or 'r16 on all linear layers'}); rows of `{args.train}`, batch {args.batch_size}, at most "
              f"{args.max_length} tokens; {args.steps} steps per run (first 5 dropped); "
              f"{args.repeats} alternating repeats; peak memory = peak resident set size of the process (CPU).", "",
              "| variant | median step (s) | step time / SFT | peak RSS (MiB) | memory / SFT |", "|---|---|---|---|---|"]

@@ -28,7 +28,11 @@ __all__ = ["SPLITS", "OPTIONS", "generate", "shift"]
 
 CUES = {
     "train": ["What is the pass key with every digit moved up by one? It is",
-              "Question: take the pass key and add one to each digit (9 becomes 0). Answer:"],
+              "Question: take the pass key and add one to each digit (9 becomes 0). Answer:",
+              "Add one to every digit of the pass key. The new number is",
+              "Increase each digit of the pass key by one, with 9 turning into 0. Result:",
+              "If every digit of the pass key goes up by one, the pass key becomes",
+              "Write the pass key again, but with each digit one higher:"],
     "held_out": ["Now recall the pass key mentioned above and raise each of its digits by one. The result is",
                  "You were given a pass key earlier in this text. Shift every digit of it up by one:"],
 }
