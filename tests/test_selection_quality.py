@@ -149,7 +149,8 @@ def test_tokenized_kinds_line_up_with_the_response_tokens(tiny_tokenizer):
         assert tiny_tokenizer.eos_token in text[OTHER]  # the questions and EOS are "other"
 
 
-def test_trainer_logs_selection_against_the_truth(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("task", ["noisy-recall", "mapped-recall"])
+def test_trainer_logs_selection_against_the_truth(task, tiny_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from tokensieve.launch.model import FromScratchArguments, build_config
@@ -159,8 +160,8 @@ def test_trainer_logs_selection_against_the_truth(tiny_tokenizer, tmp_path):
     model = AutoModelForCausalLM.from_config(build_config(
         FromScratchArguments(architecture="qwen3", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              num_key_value_heads=1, intermediate_size=64, max_position_embeddings=256), tiny_tokenizer))
-    options = build_options("noisy-recall", {"context_words": 20, "num_pairs": 4})
-    rows = TASKS["noisy-recall"].generate("train", 16, 0, options)
+    options = build_options(task, {"context_words": 20, "num_pairs": 4})
+    rows = TASKS[task].generate("train", 16, 0, options)
     dataset = tokenize_prompt_completion(Dataset.from_list(rows), tiny_tokenizer)
     args = TokenLossConfig(output_dir=str(tmp_path), token_scorer="random", max_steps=2, per_device_train_batch_size=8,
                            logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no",
@@ -175,3 +176,6 @@ def test_trainer_logs_selection_against_the_truth(tiny_tokenizer, tmp_path):
             assert key in entry, key
         assert 0.3 < entry["truth_kept_clean"] < 0.9  # random selection at 0.6
         assert 0.0 <= entry["truth_auroc_clean_vs_learnable"] <= 1.0
+        # boilerplate is logged only where the rows have it (mapped-recall ends every training row with some)
+        assert ("truth_kept_boilerplate" in entry) == (task == "mapped-recall")
+        assert ("truth_auroc_clean_vs_boilerplate" in entry) == (task == "mapped-recall")
