@@ -396,6 +396,8 @@ def main() -> None:
         sub.add_argument("--out", default=str(REPO / "outputs/bench/token_selection"))
         sub.add_argument("--base", default=None, help="a saved base model (overhead's default: a from-scratch one)")
     args = parser.parse_args()
+    if args.base and Path(args.base).exists():  # a local folder: recorded (e.g. as LoRA exports' base) absolute
+        args.base = str(Path(args.base).resolve())
     {"quality": quality, "overhead": overhead, "overhead-worker": overhead_worker}[args.command](args)
 
 
