@@ -67,7 +67,7 @@ TOKEN_STEPS = 150  # noisy-recall: the base knows the task, and 150 steps tell t
 # mapped-recall: the model has to learn the task first; at 150 steps plain SFT reached 0.135 and ssToken 0.010 (a fresh
 # quickstart, 2026-12-07), at 300 (the benchmark's runs) 0.50 and 0.60
 MAPPED_STEPS = 300
-RECALL = ("mqar", "needle-qa")
+RECALL = SHIPPED_TASKS  # the recall tasks the gates and the selector are scored on
 # The gates' cache in the table: 32 + 8 tokens per layer and kv head, about 25% of a prompt. (The recipe trains at
 # M = 22; a needle-qa row holds 32 facts, and gates that cannot know the question keep all of them only from 32 up.)
 GATE_CACHE = ("--memory-size", "32", "--buffer-size", "8")
@@ -219,6 +219,11 @@ def data_overrides(recipe: Path, folders: dict[str, Path]) -> list[str]:
     return overrides
 
 
+def train_file(path: Path) -> list[str]:
+    """The override that makes `path` a recipe's only training dataset."""
+    return ["--data.datasets", json.dumps([{"path": str(path)}])]
+
+
 class Quickstart:
     """The stages in order; each writes into OUT/<stage>/ and records itself in `self.stages`."""
 
@@ -326,12 +331,12 @@ class Quickstart:
         recipe = REPO_ROOT / recipe_name
         steps = self._steps(stage.steps)
         fill = {"anneal": str(max(steps * 2 // 3, 1)), "trim_kv": str(self.out / "trim_kv")}
-        data = data_overrides(recipe, self.data_folders)
         if stage.task:  # a token ground: its noisy rows (or the clean copy, the curated rows), no eval split
             fill.update(reference=str(self.out / "reference"), clean=str(self.token_data(stage.task, True) / "train.jsonl"),
                         curated=str(self.out / "curate" / "curated.parquet"))
-            data = ["--data.datasets", json.dumps([{"path": str(self.token_data(stage.task) / "train.jsonl")}]),
-                    "--data.eval_datasets", "[]"]
+            data = train_file(self.token_data(stage.task) / "train.jsonl") + ["--data.eval_datasets", "[]"]
+        else:
+            data = data_overrides(recipe, self.data_folders)
         overrides = data + [x.format(**fill) for x in extra] + [
             "--training.output_dir", str(folder), "--max_steps", str(steps), "--logging_steps", str(max(steps // 5, 1)),
             "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[wandb]",
@@ -354,7 +359,8 @@ class Quickstart:
         from tokensieve.launch.recipe import load_curate_recipe
 
         recipe = REPO_ROOT / "recipes/tiny/curate.yaml"
-        overrides = ["--data.datasets", json.dumps([{"path": str(train)}]), "--model.name_or_path", self.base, "--reference_model", str(self.out / "reference"),
+        overrides = train_file(train) + [
+            "--model.name_or_path", self.base, "--reference_model", str(self.out / "reference"),
             "--output", str(folder / "curated.parquet"), "--data.max_train_samples", str(rows)]
         summary = run_curation(load_curate_recipe(recipe, overrides))
         print(f"[quickstart] curate: kept {summary['kept_tokens']} of {summary['response_tokens']} response tokens "
