@@ -199,8 +199,13 @@ def quality(args) -> None:
     previous = out / "quality.json"
     if previous.exists():  # a later call with other --methods adds to the same table (same base, steps, data)
         earlier = json.loads(previous.read_text())
-        if all(earlier.get(k) == results[k] for k in ("task", "base", "steps", "shares", "test_examples")):
-            results["runs"] = {m: r for m, r in earlier["runs"].items() if m not in args.methods}
+        if all(earlier.get(k) == results[k] for k in ("task", "base", "recipe", "steps", "shares", "test_examples")):
+            # keep every (method, seed) this call does not run again; with --resume, also the ones it would rerun
+            rerun = {(m, seed) for m in args.methods for seed in args.seeds}
+            results["runs"] = {m: [r for r in runs if args.resume or (m, r["seed"]) not in rerun]
+                               for m, runs in earlier["runs"].items()}
+            results["runs"] = {m: runs for m, runs in results["runs"].items() if runs}
+            results["seeds"] = sorted({r["seed"] for runs in results["runs"].values() for r in runs} | set(args.seeds))
             for key in ("small_reference_exact_match", "small_reference_examples"):
                 if "rho1-small" not in args.methods and key in earlier:
                     results[key] = earlier[key]
@@ -216,6 +221,9 @@ def quality(args) -> None:
         elif method == "sstoken-offline":
             train = with_history_losses(args.base, train, out / "noisy-history.jsonl")
         for seed in args.seeds:
+            if any(r["seed"] == seed for r in results["runs"].get(method, [])):
+                print(f"[token_selection] {args.task} {method} seed {seed}: kept from {previous} (--resume)", flush=True)
+                continue
             run_dir = out / "runs" / f"{method}-seed{seed}"
             start = time.time()
             run_recipe(args.recipe or recipe, common_overrides(args.base, run_dir, args.steps, seed) + data_overrides(train)
@@ -224,6 +232,7 @@ def quality(args) -> None:
             score = exact_match(run_dir, test, args.test_examples)
             results["runs"].setdefault(method, []).append(
                 {"seed": seed, "exact_match": score, "train_seconds": seconds, "truth": truth_means(run_dir)})
+            results["runs"][method].sort(key=lambda r: r["seed"])
             print(f"[token_selection] {args.task} {method} seed {seed}: exact match {score:.3f} ({seconds:.0f} s)",
                   flush=True)
             (out / "quality.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -373,6 +382,9 @@ def main() -> None:
     q.add_argument("--prompt-tokens", type=int, default=256, help="mapped-passkey: prompt length in tokens")
     q.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     q.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    q.add_argument("--resume", action="store_true",
+                   help="keep the runs an earlier call with the same settings finished (in --out's quality.json) "
+                        "and run only the missing (method, seed) pairs; without it, every listed pair runs again")
     q.add_argument("--steps", type=int, default=300, help="steps of every run, the reference's too")
     q.add_argument("--train-examples", type=int, default=8000)
     q.add_argument("--unlearnable-share", type=float, default=0.25)

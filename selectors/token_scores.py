@@ -171,7 +171,8 @@ def attention_per_label(attention: torch.Tensor, row: str = "own") -> torch.Tens
 
 @contextmanager
 def capture_attention_inputs(attention: nn.Module):
-    """Record what `attention` (one decoder layer's self-attention module) receives during a forward.
+    """Record what `attention` (a decoder layer's self-attention module, or a decoder layer: both take the hidden
+    states first) receives during a forward.
 
     Yields a dict that holds `hidden_states` and `position_embeddings` after each call; the forward itself
     is untouched (any attention kernel, no attention maps requested).

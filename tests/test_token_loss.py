@@ -9,7 +9,7 @@ from trl import SFTConfig, SFTTrainer
 
 from tokensieve.errors import DataError
 from tokensieve.launch.model import FromScratchArguments, apply_peft, build_config
-from tokensieve.trainers.history import EMA_FILE
+from tokensieve.trainers.history import EMA_FILE, first_changed_layer
 from tokensieve.trainers.token_loss import TokenLossConfig, TokenLossTrainer
 
 
@@ -129,6 +129,68 @@ def test_rho1_and_random_train_only_the_adapters(rows, tiny_tokenizer, tmp_path)
         after = trainer.model.state_dict()
         changed = {n for n in start if not torch.equal(start[n], after[n])}
         assert changed and all("lora_" in n for n in changed), changed
+
+
+def test_first_changed_layer_is_where_adapters_or_trainable_weights_begin(tiny_tokenizer):
+    def with_lora(**options):
+        return apply_peft(fresh_model(tiny_tokenizer), {"r": 4, "target_modules": ["q_proj", "v_proj"], **options})
+
+    assert first_changed_layer(with_lora(layers_to_transform=[1])) == 1
+    assert first_changed_layer(with_lora()) == 0  # adapters from layer 0 on: nothing to skip
+    assert first_changed_layer(with_lora(layers_to_transform=[1], modules_to_save=["embed_tokens"])) == 0
+    assert first_changed_layer(with_lora(layers_to_transform=[1], modules_to_save=["lm_head"])) == 1  # after them
+    assert first_changed_layer(fresh_model(tiny_tokenizer)) == 0  # full fine-tuning
+    frozen_start = fresh_model(tiny_tokenizer)
+    for name, parameter in frozen_start.named_parameters():
+        parameter.requires_grad = ".layers.1." in name
+    assert first_changed_layer(frozen_start) == 1  # the EMA history swaps only layer 1's weights
+
+
+@pytest.mark.parametrize("history", ["base", "ema"])
+def test_history_from_the_first_adapted_layer_is_the_full_history(rows, tiny_tokenizer, tmp_path, history):
+    """LoRA on layer 1 only: the history pass starts at layer 1 from the training forward's state there, runs layer
+    0 once per step instead of twice, and trains exactly as the full history pass does."""
+    runs = {}
+    for reuse in (True, False):
+        model = apply_peft(fresh_model(tiny_tokenizer), {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
+                                                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                         "layers_to_transform": [1]})
+        calls = []
+        model.get_base_model().get_decoder().layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
+        args = config(tmp_path / str(reuse), token_scorer="sstoken", history_model=history, max_steps=3,
+                      per_device_train_batch_size=4, learning_rate=1e-2, optim="adamw_torch", gamma_warmup_steps=0,
+                      history_from_first_adapted_layer=reuse, ema_alpha=0.5)
+        trainer = TokenLossTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                   processing_class=tiny_tokenizer)
+        trainer.train()
+        logs = [e for e in trainer.state.log_history if "rel_mean" in e]
+        runs[reuse] = trainer, logs, len(calls)
+    (reused, logs, calls), (full, full_logs, full_calls) = runs[True], runs[False]
+    assert reused._history_start == 1 and full._history_start == 0
+    assert calls == 3 + 1 and full_calls == 2 * 3  # + 1: the full history pass that checks the first batch
+    assert len(logs) == 3 and any(abs(e["rel_mean"]) > 1e-3 for e in logs[1:])  # the history differs from the model
+    for ours, theirs in zip(logs, full_logs):
+        for key in ("loss", "rel_mean", "attention_mean", "kept_fraction"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-4, abs=1e-6), key
+
+
+def test_a_history_start_that_disagrees_with_the_full_pass_falls_back(rows, tiny_tokenizer, tmp_path, monkeypatch):
+    import tokensieve.trainers.token_loss as token_loss
+
+    real, fed = token_loss.decoder_from_layer, []
+
+    def wrong_state(decoder, start, hidden):
+        fed.append(start)
+        return real(decoder, start, hidden + 1)
+
+    monkeypatch.setattr(token_loss, "decoder_from_layer", wrong_state)
+    model = apply_peft(fresh_model(tiny_tokenizer), {"r": 4, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                         "layers_to_transform": [1]})
+    args = config(tmp_path, token_scorer="sstoken", history_model="base", max_steps=2, per_device_train_batch_size=4)
+    trainer = TokenLossTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                               processing_class=tiny_tokenizer)
+    trainer.train()
+    assert fed == [1] and trainer._history_start == 0  # tried once, then the full pass for the rest of the run
 
 
 def test_none_scorer_matches_plain_sft(rows, tiny_tokenizer, tmp_path):

@@ -19,7 +19,8 @@ from tokensieve.selectors.attention import _gate_hook, attach_gates, attention_m
 from tokensieve.selectors.kv_cache import RetentionCache
 from tokensieve.upstream import (CACHE_ARGUMENTS, PRIVATE_OVERRIDES, SUBMODULE_IMPORTS, UpstreamChange,
                                  attn_implementation, cache_argument, cache_in, check_private_overrides,
-                                 fused_head_labelled_positions_only, modeling_function, with_cache)
+                                 decoder_from_layer, fused_head_labelled_positions_only, modeling_function,
+                                 with_cache)
 
 
 # --- importing tokensieve changes nothing upstream ------------------------------------------------------------------
@@ -136,6 +137,43 @@ def test_with_cache_uses_the_installed_name_and_equals_the_old_name(tiny_model):
         warnings.simplefilter("ignore", FutureWarning)  # the old name: deprecated from transformers 5.24 on
         old = model.generate(prompt, **options, past_key_values=RetentionCache.for_model(model, 8, 4))
     assert torch.equal(new, old), architecture
+
+
+def test_decoder_from_layer_skips_the_first_layers_and_feeds_the_given_state(tiny_model):
+    architecture, model = tiny_model
+    model = copy.deepcopy(model)
+    decoder = model.get_decoder()
+    a, b = torch.randint(3, 250, (2, 2, 12))
+    mask = torch.ones_like(a)
+    seen = {}
+    handle = decoder.layers[1].register_forward_pre_hook(lambda m, args: seen.update(hidden=args[0]))
+    with torch.no_grad():
+        full = model(input_ids=a, attention_mask=mask).logits
+        handle.remove()
+        calls = []
+        counter = decoder.layers[0].register_forward_hook(lambda *_: calls.append(1))
+        with decoder_from_layer(decoder, 1, seen["hidden"]):  # b's own first layer is skipped: a's state is fed
+            resumed = model(input_ids=b, attention_mask=mask).logits
+        counter.remove()
+        assert calls == [1]  # the layer is still called (its hooks run), but its own forward is not
+        torch.testing.assert_close(resumed, full, msg=architecture)
+        assert "forward" not in decoder.layers[0].__dict__  # the class forward is back
+        assert not decoder.layers[1]._forward_pre_hooks
+        again = model(input_ids=b, attention_mask=mask).logits
+        assert not torch.allclose(again, full)
+
+
+def test_decoder_from_layer_puts_back_an_instance_forward_and_checks_the_start(tiny_llama):
+    model = copy.deepcopy(tiny_llama)
+    decoder = model.get_decoder()
+    wrapped = decoder.layers[0].forward  # as accelerate's hooks do: an instance attribute
+    decoder.layers[0].forward = wrapped
+    with decoder_from_layer(decoder, 1, torch.zeros(1, 3, model.config.hidden_size)):
+        assert decoder.layers[0].forward is not wrapped
+    assert decoder.layers[0].__dict__["forward"] is wrapped
+    for start in (0, len(decoder.layers)):
+        with pytest.raises(ValueError, match=f"start layer {start}"), decoder_from_layer(decoder, start, None):
+            pass
 
 
 # --- other internals ------------------------------------------------------------------------------------------------

@@ -54,6 +54,35 @@ def load_reference_model(name_or_path: str, like: nn.Module, trust_remote_code: 
     return model.to(parameter.device).eval().requires_grad_(False)
 
 
+def first_changed_layer(model: nn.Module) -> int:
+    """The first decoder layer whose output can differ between `model` and its history model (the same model with
+    its adapters disabled, or with EMA weights swapped in); 0 when nothing is gained or a module before the decoder
+    layers (the embeddings) can differ.
+
+    A module can differ where it has a trainable parameter (the EMA swaps exactly those) or is a PEFT adapter layer
+    or wrapper (disabled for the base history, trainable or not). Below that layer the two models compute the same
+    hidden states, so a history pass can start there from the training forward's (`decoder_from_layer`)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    layers = decoder.layers
+    layer_of = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    after = {id(m) for part in (getattr(decoder, "norm", None), base.get_output_embeddings()) if part is not None
+             for m in part.modules()}
+    first = len(layers)
+    for module in base.modules():
+        differs = isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper)) or any(
+            p.requires_grad for p in module.parameters(recurse=False))
+        if not differs or id(module) in after:
+            continue
+        if id(module) not in layer_of:
+            return 0
+        first = min(first, layer_of[id(module)])
+    return first if first < len(layers) else 0
+
+
 class ParameterEma:
     """theta_his <- alpha * theta_his + (1 - alpha) * theta over the trainable parameters only (docs/methods.md s.1).
 

@@ -21,13 +21,14 @@ from __future__ import annotations
 import math
 import os
 import random
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainerCallback
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.utils import logging
 from trl import SFTConfig, SFTTrainer
 from trl.models.utils import prepare_deepspeed
 
@@ -50,8 +51,12 @@ from tokensieve.selectors.token_scores import (
 )
 from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBase
 from tokensieve.trainers.guards import FiniteLossMixin
-from tokensieve.trainers.history import ParameterEma, frozen_copy, load_reference_model, start_model_source
+from tokensieve.trainers.history import (ParameterEma, first_changed_layer, frozen_copy, load_reference_model,
+                                         start_model_source)
+from tokensieve.upstream import decoder_from_layer
 from tokensieve.trainers.token_columns import TokenColumnCollator, check_token_column
+
+logger = logging.get_logger(__name__)
 
 SCORERS = ("sstoken", "rho1", "random", "prior", "column", "dft", "none")
 HISTORY_MODES = ("base", "ema", "offline")
@@ -95,6 +100,14 @@ class TokenLossConfig(ConfigDefaults, CompletionLabels, SFTConfig):
         default="base",
         metadata={"help": "ssToken history model: 'base' (LoRA: adapters disabled; full fine-tuning: a frozen copy "
                           "of the start), 'ema' (EMA of the trainable parameters) or 'offline' (a dataset column)."},
+    )
+    history_from_first_adapted_layer: bool = field(
+        default=True,
+        metadata={"help": "ssToken 'base' / 'ema' history on a model whose first decoder layers are frozen and carry "
+                          "no adapter (LoRA on the later layers only): start the history pass at the first layer that "
+                          "can differ, from the hidden state the training forward computed there (the same by "
+                          "construction), so the history costs only the later layers. Checked once against a full "
+                          "history pass; where they differ the full pass is used, with a warning."},
     )
     ema_alpha: float = field(default=0.99, metadata={"help": "ssToken EMA history: theta_his <- a*theta_his + (1-a)*theta."})
     ema_update_interval: int = field(default=1, metadata={"help": "ssToken EMA history: update every N optimizer steps."})
@@ -205,6 +218,8 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
             self.ema = ParameterEma(unwrapped, args.ema_alpha, args.ema_update_interval)
             self.add_callback(_HistoryUpdate(self))
         self._rng = random.Random(args.seed)
+        self._history_start = None  # the decoder layer the history pass starts at (0: the whole model); see below
+        self._history_start_checked = False
 
     # --- data ------------------------------------------------------------------------------------------------------
 
@@ -261,15 +276,49 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         with unwrapped.disable_adapter():
             return token_logprobs(unwrapped, input_ids, attention_mask, labels)
 
-    def _history_loss(self, model, inputs) -> torch.Tensor:
+    def _history_loss(self, model, inputs, start: int = 0, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token history losses [B, T-1]; with `start` > 0 the pass begins at decoder layer `start` from
+        `hidden`, the training forward's input to that layer (`_history_start_layer`)."""
         args = self.args
         if args.history_model == "offline":
             return inputs[args.history_loss_column][:, 1:].float()
-        if args.history_model == "ema":
-            unwrapped = self.accelerator.unwrap_model(model)
-            with self.ema.swapped_in(unwrapped):
-                return -token_logprobs(unwrapped, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
-        return -self._base_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+        unwrapped = self.accelerator.unwrap_model(model)
+        skip = decoder_from_layer(self._decoder(model), start, hidden) if start else nullcontext()
+        with skip:
+            if args.history_model == "ema":
+                with self.ema.swapped_in(unwrapped):
+                    return -token_logprobs(unwrapped, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+            return -self._base_logprobs(model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"])
+
+    def _history_start_layer(self, model) -> int:
+        """Where the base / EMA history pass starts: the first decoder layer that can differ from the trained model's
+        (`first_changed_layer`: LoRA on the later layers only), or 0 (the whole model) when that is layer 0, the
+        history is another model (a frozen copy), or `history_from_first_adapted_layer` is off."""
+        if self._history_start is None:
+            args = self.args
+            usable = (args.token_scorer == "sstoken" and args.history_model in ("base", "ema")
+                      and self.frozen is None and args.history_from_first_adapted_layer)
+            self._history_start = first_changed_layer(self.accelerator.unwrap_model(model)) if usable else 0
+        return self._history_start
+
+    def _check_history_start(self, model, inputs, history_loss) -> torch.Tensor:
+        """On the first batch, the history from layer `start` against the full history pass: the two are the same
+        computation, so a difference means this architecture does not fit `decoder_from_layer` (e.g. dropout in the
+        early layers in training mode); then the full pass is used from here on."""
+        self._history_start_checked = True
+        full = self._history_loss(model, inputs)
+        if torch.allclose(history_loss, full, atol=1e-4, rtol=1e-4):
+            return history_loss
+        logger.warning(f"ssToken history from decoder layer {self._history_start} differs from the full history pass "
+                       f"(max |diff| {(history_loss - full).abs().max().item():.2e}); using the full pass")
+        self._history_start = 0
+        return full
+
+    def _decoder(self, model):
+        base = self.accelerator.unwrap_model(model)
+        if hasattr(base, "get_base_model"):
+            base = base.get_base_model()
+        return base.get_decoder()
 
     def _reference_logprobs(self, model, inputs, mask) -> torch.Tensor:
         if "reference_input_ids" not in inputs:
@@ -279,10 +328,7 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         return realign_reference(ref, inputs["reference_labels"], mask)
 
     def _attention_layer(self, model):
-        base = self.accelerator.unwrap_model(model)
-        if hasattr(base, "get_base_model"):
-            base = base.get_base_model()
-        return base.get_decoder().layers[self.args.attention_layer].self_attn
+        return self._decoder(model).layers[self.args.attention_layer].self_attn
 
     def _gamma_warmup_steps(self) -> int:
         value = self.args.gamma_warmup_steps
@@ -320,17 +366,26 @@ class TokenLossTrainer(TrainerBase, FiniteLossMixin, SFTTrainer):
         scorer = args.token_scorer
         stats: dict[str, torch.Tensor] = {}
 
-        # Passes that do not depend on the current weights' gradients, before the main forward.
-        if scorer == "sstoken":
+        # Passes that do not depend on the current weights' gradients, before the main forward (a history that
+        # starts at a later layer needs the main forward's hidden state there, so it runs after it).
+        start = self._history_start_layer(model) if scorer == "sstoken" else 0
+        if scorer == "sstoken" and not start:
             history_loss = self._history_loss(model, {**inputs, **extras})
         elif scorer in ("rho1", "prior"):
             reference_logprobs = self._reference_logprobs(model, {**inputs, **extras}, mask)
 
-        capture = capture_attention_inputs(self._attention_layer(model)) if scorer == "sstoken" else nullcontext({})
-        with capture as captured:
+        with ExitStack() as stack:
+            captured = stack.enter_context(capture_attention_inputs(self._attention_layer(model))) \
+                if scorer == "sstoken" else {}
+            at_start = stack.enter_context(capture_attention_inputs(self._decoder(model).layers[start])) \
+                if start else {}
             outputs = model(**inputs, use_cache=False, fused_lm_head=True)
         token_loss = -outputs.log_probs  # [B, T-1], 0 where the label is -100
         current = token_loss.detach().float()
+        if start:
+            history_loss = self._history_loss(model, {**inputs, **extras}, start, at_start["hidden_states"].detach())
+            if not self._history_start_checked:
+                history_loss = self._check_history_start(model, {**inputs, **extras}, history_loss)
 
         if scorer == "sstoken":
             prompt = (labels == -100) & inputs["attention_mask"].bool()

@@ -11,6 +11,9 @@ What is reached for, and why there is no public API for it:
   layers see fewer tokens than the earlier ones): the layers' forward keywords (`attention_mask`, `position_ids`,
   `position_embeddings`, the cache keyword, `use_cache`) and the decoder's `rotary_emb`, as the model's own forward
   passes them;
+- a forward that starts at a later decoder layer (`decoder_from_layer`, for ssToken's history pass under LoRA, whose
+  first layers are the same as the trained model's): the earlier layers' `forward` is replaced on the instance for
+  the duration of the block, so the model's own forward still builds the masks, the rotary embeddings and the head;
 - `config._attn_implementation` (`attn_implementation`): transformers has a public setter
   (`set_attn_implementation`) but no public getter;
 - a function of a model's own modelling file, e.g. `eager_attention_forward` and `apply_rotary_pos_emb`
@@ -94,6 +97,41 @@ def run_decoder_layers(decoder, indices, hidden, attention_mask, position_ids, c
                        use_cache=True, **with_cache(layer, cache))
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden
+
+
+@contextmanager
+def decoder_from_layer(decoder, start: int, hidden):
+    """Within this block a forward of the model skips `decoder.layers[:start]` and feeds `hidden` (the input of layer
+    `start`, [B, T, D], e.g. recorded during another forward) to layer `start`; everything else (embeddings, masks,
+    rotary embeddings, the later layers, the norm, the head) runs as the model's own forward runs it.
+
+    The skipped layers' `forward` is replaced on the instance (an identity on the hidden states) and put back on exit,
+    as is any instance `forward` that was there before (accelerate's hooks put one there)."""
+    layers = decoder.layers
+    if not 0 < start < len(layers):
+        raise ValueError(f"start layer {start}: expected 0 < start < {len(layers)}")
+
+    def identity(*args, **kwargs):
+        return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+    def feed(module, args, kwargs):
+        if "hidden_states" in kwargs:
+            return args, {**kwargs, "hidden_states": hidden}
+        return (hidden, *args[1:]), kwargs
+
+    saved = [layer.__dict__.get("forward") for layer in layers[:start]]
+    handle = layers[start].register_forward_pre_hook(feed, with_kwargs=True)
+    for layer in layers[:start]:
+        layer.forward = identity
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer, forward in zip(layers[:start], saved):
+            if forward is None:
+                del layer.forward
+            else:
+                layer.forward = forward
 
 
 # --- attention implementation ---------------------------------------------------------------------------------------
@@ -193,6 +231,8 @@ SUBMODULE_IMPORTS = {
     "transformers.modeling_utils": ("ALL_ATTENTION_FUNCTIONS",),
     "transformers.tokenization_utils_tokenizers": ("TokenizersBackend",),
     "transformers.trainer_utils": ("PREFIX_CHECKPOINT_DIR", "get_last_checkpoint"),
+    "peft.tuners.tuners_utils": ("BaseTunerLayer",),
+    "peft.utils.other": ("AuxiliaryTrainingWrapper",),
     "trl.data_utils": ("common_prefix_length",),
     "trl.models.utils": ("prepare_deepspeed",),
     "trl.scripts.utils": ("DatasetConfig",),
