@@ -32,7 +32,9 @@ with p = --learnable-share (learnable and wrong), else clean. The methods:
 The reference of rho1, prior and curate is the base fine-tuned on a clean train split (both shares 0, --train-examples
 rows, the same steps). The selection table
 averages the trainer's ground-truth metrics (truth_*) over each run's logged steps: share of each kind of token
-kept (or mean weight) and the AUROC of the score for clean vs each noise kind.
+kept (or mean weight) and the AUROC of the score for clean vs each noise kind. Results go to --out/<task>/quality.json
+after each run; a later call with the same settings replaces the (method, seed) pairs it runs and keeps the others,
+and with --resume it runs only the pairs not finished yet (e.g. after an interrupted call).
 
 overhead: step time and peak memory of ssToken (history base via disabled LoRA adapters, ema, offline) relative
 to plain SFT with the same LoRA model, measured side by side: each variant runs in its own process, variants
