@@ -303,6 +303,11 @@ OVERHEAD_VARIANTS = {
     "sstoken-base": ["--token_scorer", "sstoken", "--history_model", "base"],
     "sstoken-ema": ["--token_scorer", "sstoken", "--history_model", "ema"],
     "sstoken-offline": ["--token_scorer", "sstoken", "--history_model", "offline"],
+    # the history pass over every layer, as before it could start at the first adapted layer (the same scores)
+    "sstoken-base-full": ["--token_scorer", "sstoken", "--history_model", "base",
+                          "--history_from_first_adapted_layer", "false"],
+    "sstoken-ema-full": ["--token_scorer", "sstoken", "--history_model", "ema",
+                         "--history_from_first_adapted_layer", "false"],
 }
 
 
@@ -335,9 +340,9 @@ def overhead(args) -> None:
     # writes them, stored under the column name the trainer reads.
     data = with_history_losses(base, Path(args.train), out / "overhead-data.jsonl", rows=args.batch_size * (args.steps + 2),
                                max_length=args.max_length, batch_size=8)
-    samples = {name: [] for name in OVERHEAD_VARIANTS}
+    samples = {name: [] for name in ["sft"] + [v for v in args.variants if v != "sft"]}
     for _ in range(args.repeats):
-        for variant in OVERHEAD_VARIANTS:
+        for variant in samples:
             command = [sys.executable, __file__, "overhead-worker", "--variant", variant, "--base", base,
                        "--data", str(data), "--steps", str(args.steps), "--out", str(out), "--batch-size",
                        str(args.batch_size), "--max-length", str(args.max_length)] + (
@@ -397,6 +402,8 @@ def main() -> None:
     o = commands.add_parser("overhead", help="step time and peak memory of ssToken vs SFT")
     o.add_argument("--steps", type=int, default=30)
     o.add_argument("--repeats", type=int, default=2)
+    o.add_argument("--variants", nargs="+", default=list(OVERHEAD_VARIANTS), choices=list(OVERHEAD_VARIANTS),
+                   help="what to time against plain SFT (always timed)")
     o.add_argument("--train", default=str(TRAIN), help="prompt/completion rows (default: noisy-sft's train split)")
     w = commands.add_parser("overhead-worker")
     w.add_argument("--variant", choices=list(OVERHEAD_VARIANTS), required=True)
