@@ -65,7 +65,8 @@ LORA = ["--peft.r", "16", "--peft.lora_alpha", "32", "--peft.lora_dropout", "0.0
 TOKEN_BATCH = 32  # per_device_train_batch_size of the recipes/tiny token-selection recipes
 TOKEN_STEPS = 150  # noisy-recall: the base knows the task, and 150 steps tell the methods apart
 # mapped-recall: the model has to learn the task first; at 150 steps plain SFT reached 0.135 and ssToken 0.010 (a fresh
-# quickstart, 2026-12-07), at 300 (the benchmark's runs) 0.50 and 0.60
+# quickstart, 2026-12-07). At 300 steps on this 10,000-row file SFT reaches 0.44-0.47 and ssToken 0.000-0.024 (3
+# seeds); on the benchmark's 8,000-row file, the same rows up to row 8,000, ssToken 0.57-0.64 (docs/results.md)
 MAPPED_STEPS = 300
 RECALL = SHIPPED_TASKS  # the recall tasks the gates and the selector are scored on
 # The gates' cache in the table: 32 + 8 tokens per layer and kv head, about 25% of a prompt. (The recipe trains at
