@@ -53,8 +53,8 @@ from tokensieve.trainers.base import CompletionLabels, ConfigDefaults, TrainerBa
 from tokensieve.trainers.guards import FiniteLossMixin
 from tokensieve.trainers.history import (ParameterEma, first_changed_layer, frozen_copy, load_reference_model,
                                          start_model_source)
-from tokensieve.upstream import decoder_from_layer
 from tokensieve.trainers.token_columns import TokenColumnCollator, check_token_column
+from tokensieve.upstream import decoder_from_layer
 
 logger = logging.get_logger(__name__)
 

@@ -24,7 +24,8 @@ What is reached for, and why there is no public API for it:
   `check_private_overrides` when a trainer is built): they have no public hook. Inside them we also read
   `Trainer._signature_columns` and call `Trainer._get_output_dir`;
 - names imported from a library's submodules rather than its top level (`SUBMODULE_IMPORTS`): documented or
-  extension APIs (the Cache API, AttentionInterface's registries, TRL's fused LM head) whose module path can move.
+  extension APIs (the Cache API, AttentionInterface's registries, TRL's fused LM head, PEFT's adapter layer classes)
+  whose module path can move.
   They stay plain imports at their call sites (an ImportError names them); the test imports every one.
 Registering our attention functions with `AttentionInterface` (and the mask registry) adds two names under our own
 prefix; it is transformers' documented extension point and changes nothing for any other model.
