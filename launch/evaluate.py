@@ -29,6 +29,19 @@ METRICS = ("exact", "contains")
 CONTAINS_SLACK = 8  # tokens generated past the answer's length when the answer only has to appear
 
 
+def generation_length(answer_ids: list[int], metric: str = "exact") -> int:
+    """Tokens generated to judge an answer: its own token count, + CONTAINS_SLACK when it only has to appear."""
+    return len(answer_ids) + (CONTAINS_SLACK if metric == "contains" else 0)
+
+
+def is_correct(tokenizer, generated: list[int], answer: str, answer_ids: list[int], metric: str = "exact") -> bool:
+    """"exact": the first generated tokens are the answer's tokens; "contains": the answer (stripped) appears in the
+    decoded generation."""
+    if metric == "contains":
+        return answer.strip() in tokenizer.decode(generated, skip_special_tokens=True)
+    return generated[: len(answer_ids)] == answer_ids
+
+
 @torch.no_grad()
 def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_size: int = 64,
                 max_new_tokens: int | None = None, desc: str = "generate", make_cache=None,
@@ -48,8 +61,7 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
         batch_prompts = prompts[start : start + batch_size]
         batch_metrics = metrics[start : start + batch_size]
         answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
-        lengths = [max_new_tokens or len(ids) + (CONTAINS_SLACK if metric == "contains" else 0)
-                   for ids, metric in zip(answer_ids, batch_metrics)]
+        lengths = [max_new_tokens or generation_length(ids, metric) for ids, metric in zip(answer_ids, batch_metrics)]
         inputs = tokenizer(batch_prompts, return_tensors="pt", padding=True).to(model.device)
         options = dict(max_new_tokens=max(lengths), do_sample=False, pad_token_id=tokenizer.pad_token_id,
                        eos_token_id=tokenizer.eos_token_id)
@@ -62,14 +74,8 @@ def exact_match(model, tokenizer, prompts: list[str], answers: list[str], batch_
         rows = zip(output[:, inputs["input_ids"].shape[1] :].tolist(), answer_ids, batch_metrics, lengths,
                    answers[start : start + batch_size])
         for generated, ids, metric, length, answer in rows:
-            if metric == "contains":
-                text = tokenizer.decode(generated[:length], skip_special_tokens=True)
-                correct += answer.strip() in text
-                predictions.append(text)
-                continue
-            correct += generated[: len(ids)] == ids
-            shown = generated if max_new_tokens else generated[: len(ids)]
-            predictions.append(tokenizer.decode(shown, skip_special_tokens=True))
+            correct += is_correct(tokenizer, generated[:length], answer, ids, metric)
+            predictions.append(tokenizer.decode(generated[:length], skip_special_tokens=True))
     return correct / max(len(prompts), 1), predictions
 
 
@@ -103,12 +109,12 @@ def perplexity(model, tokenizer, texts: list[str], batch_size: int = 8, make_cac
 
 @torch.no_grad()
 def selector_exact_match(pipeline, prompts: list[str], answers: list[str], batch_size: int = 64, n: int | None = None,
-                         ratio: float | None = None, desc: str = "select",
-                         method: str = "selector") -> tuple[float, float]:
+                         ratio: float | None = None, desc: str = "select", method: str = "selector",
+                         metrics: list[str] | None = None) -> tuple[float, float]:
     """(exact match, mean kept share of the context) of a SelectorPipeline answering from the tokens it keeps.
 
-    Each prompt is cut at its last query separator into context and query; the answer is generated for the
-    answer's token count, as in `exact_match`. `method`: the trained selector or a baseline (SELECTION_METHODS).
+    Each prompt is cut at its last query separator into context and query; the answer is generated and judged
+    as in `exact_match` (per-row `metrics`). `method`: the trained selector or a baseline (SELECTION_METHODS).
     """
     from tokensieve.errors import DataError
     from tokensieve.trainers.selector_lm import split_prompt
@@ -121,11 +127,15 @@ def selector_exact_match(pipeline, prompts: list[str], answers: list[str], batch
         except ValueError as error:
             raise DataError(f"{desc}: a prompt has no query: {error}") from None
         contexts, queries = [c for c, _ in pairs], [q for _, q in pairs]
-        targets = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers[start : start + batch_size]]
-        ids, keep = pipeline.answer(contexts, queries, max(len(t) for t in targets), method=method, n=n, ratio=ratio)
-        lengths = pipeline.encode(contexts, queries)["context_mask"].sum(-1)
-        kept += (keep.sum(-1) / lengths).sum().item()
-        correct += sum(row[: len(t)] == t for row, t in zip(ids.tolist(), targets))
+        batch_answers = answers[start : start + batch_size]
+        batch_metrics = metrics[start : start + batch_size] if metrics is not None else ["exact"] * len(pairs)
+        targets = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in batch_answers]
+        lengths = [generation_length(t, m) for t, m in zip(targets, batch_metrics)]
+        ids, keep = pipeline.answer(contexts, queries, max(lengths), method=method, n=n, ratio=ratio)
+        context_lengths = pipeline.encode(contexts, queries)["context_mask"].sum(-1)
+        kept += (keep.sum(-1) / context_lengths).sum().item()
+        correct += sum(is_correct(tokenizer, row[:length], answer, target, metric) for row, length, answer, target, metric
+                       in zip(ids.tolist(), lengths, batch_answers, targets, batch_metrics))
     return correct / max(len(prompts), 1), kept / max(len(prompts), 1)
 
 
@@ -183,10 +193,7 @@ def evaluate_files(model_path: str, files: list[str], max_examples: int | None =
             results[path] = {"perplexity": value, "examples": len(rows), "tokens": tokens, **setting}
             print(f"{path}: perplexity {value:.3f} on {len(rows)} texts ({tokens} tokens){shown}", flush=True)
             continue
-        metrics = rows["metric"] if "metric" in rows.column_names else ["exact"] * len(rows)
-        unknown = sorted(set(metrics) - set(METRICS))
-        if unknown:
-            raise ModelError(f"{path}: column 'metric' has {unknown}; expected one of {', '.join(METRICS)}")
+        metrics = _row_metrics(path, rows)
         score, _ = exact_match(model, tokenizer, rows["prompt"], rows["completion"], batch_size=batch_size,
                                max_new_tokens=max_new_tokens, desc=name, make_cache=make_cache, metrics=metrics)
         key, label = _score_name(set(metrics))
@@ -194,6 +201,15 @@ def evaluate_files(model_path: str, files: list[str], max_examples: int | None =
         print(f"{path}: {label} {score:.4f} on {len(rows)} examples{shown}", flush=True)
     _write_results(output, model_path, results)
     return results
+
+
+def _row_metrics(path: str, rows) -> list[str]:
+    """Each row's metric: its `metric` column, "exact" where the file has none; an unknown one is a ModelError."""
+    metrics = rows["metric"] if "metric" in rows.column_names else ["exact"] * len(rows)
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown:
+        raise ModelError(f"{path}: column 'metric' has {unknown}; expected one of {', '.join(METRICS)}")
+    return metrics
 
 
 def _score_name(metrics: set[str]) -> tuple[str, str]:
@@ -242,10 +258,12 @@ def evaluate_selector_files(export_path: str, files: list[str], max_examples: in
     results = {}
     for path in files:
         rows = _load_rows(path, max_examples)
+        metrics = _row_metrics(path, rows)
         score, share = selector_exact_match(pipeline, rows["prompt"], rows["completion"], batch_size, keep, keep_ratio,
-                                            desc=os.path.basename(path))
-        results[path] = {"exact_match": score, "examples": len(rows), "kept_share": share}
-        print(f"{path}: exact match {score:.4f} on {len(rows)} examples, {share:.1%} of the context kept", flush=True)
+                                            desc=os.path.basename(path), metrics=metrics)
+        key, label = _score_name(set(metrics))
+        results[path] = {key: score, "examples": len(rows), "kept_share": share}
+        print(f"{path}: {label} {score:.4f} on {len(rows)} examples, {share:.1%} of the context kept", flush=True)
     _write_results(output, export_path, results)
     return results
 

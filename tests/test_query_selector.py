@@ -177,6 +177,21 @@ def test_lm_features_and_reduced_inputs_match_the_full_model(tiny_tokenizer, arc
     assert torch.allclose(reduced[0, : row.shape[1]], model(input_ids=row).logits[0], atol=1e-4)
 
 
+def test_lm_features_score_layer_reads_a_later_layer(tiny_tokenizer):
+    model = fresh_model(tiny_tokenizer)
+    pipe = SelectorPipeline(model, tiny_tokenizer)
+    batch = pipe.encode(["record 1 : key k1 maps to v3 ;", "key k2 ;"], [" ? copy", " ? copy it"])
+    inputs = (batch["context_ids"], batch["context_mask"], batch["query_ids"], batch["query_mask"])
+    both = lm_features(model, *inputs, layer=1, score_layer=2)
+    early, late = lm_features(model, *inputs, layer=1), lm_features(model, *inputs, layer=2)
+    torch.testing.assert_close(both.context, early.context)  # the features enter layer 1
+    torch.testing.assert_close(both.q_last, late.q_last)  # the scores come from layer 2
+    torch.testing.assert_close(both.context_keys, late.context_keys)
+    assert not torch.allclose(early.q_last, late.q_last)
+    with pytest.raises(ValueError, match=r"score layer must be in \[1, 2\], got 0"):
+        lm_features(model, *inputs, layer=1, score_layer=0)
+
+
 @pytest.mark.parametrize("architecture", ["llama", "qwen3"])
 def test_keep_mask_attention_equals_removing_tokens_and_reaches_them(tiny_tokenizer, architecture):
     model = fresh_model(tiny_tokenizer, architecture)
@@ -259,6 +274,21 @@ def test_attention_distill_loss_by_hand_and_logged(tiny_tokenizer, tmp_path):
     trainer = train_selector(tiny_tokenizer, tmp_path, fixed_keep_ratio=0.25, attention_distill_weight=0.5)
     logs = [e for e in trainer.state.log_history if "kept_fraction" in e]
     assert logs[0]["attention_distill"] > 0
+
+
+def test_attention_distill_layer_sets_the_teacher(tiny_tokenizer, tmp_path):
+    first = train_selector(tiny_tokenizer, tmp_path / "a", fixed_keep_ratio=0.25, attention_distill_weight=0.5)
+    later = train_selector(tiny_tokenizer, tmp_path / "b", fixed_keep_ratio=0.25, attention_distill_weight=0.5,
+                           attention_distill_layer=2)
+    distill = [[e["attention_distill"] for e in t.state.log_history if "attention_distill" in e] for t in (first, later)]
+    assert distill[0][0] != pytest.approx(distill[1][0])  # same start, another teacher
+    assert [e["answer_ce"] for e in first.state.log_history if "answer_ce" in e][0] == pytest.approx(
+        [e["answer_ce"] for e in later.state.log_history if "answer_ce" in e][0])  # same features, same selection
+    with pytest.raises(ValueError, match="attention_distill_layer"):
+        QuerySelectorConfig(output_dir=str(tmp_path / "c"), use_cpu=True, bf16=False, feature_layer=2,
+                            attention_distill_layer=1)
+    with pytest.raises(ModelError, match="attention_distill_layer is 3, but the model has 3 decoder layers"):
+        train_selector(tiny_tokenizer, tmp_path / "d", attention_distill_weight=0.5, attention_distill_layer=3)
 
 
 def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tmp_path):
@@ -416,3 +446,19 @@ def test_every_method_decodes_like_generate_when_it_keeps_everything(tiny_tokeni
     # Keeping less, PromptDistill's first token still sees the whole prompt through layer 0.
     ids, keep = pipe.answer(contexts, queries, 5, method="promptdistill", ratio=0.3)
     assert (keep.sum(-1) < batch["context_mask"].sum(-1)).all() and ids.shape == (2, 5)
+
+
+def test_selector_exact_match_judges_each_rows_metric(tiny_tokenizer):
+    from tokensieve.launch.evaluate import CONTAINS_SLACK, selector_exact_match
+
+    pipe = SelectorPipeline(fresh_model(tiny_tokenizer), tiny_tokenizer, feature_layer=1)
+    prompts = ["record 1 : key k1 maps to v3 ; more words ? copy", "key k2 ; words ? copy it"]
+    contexts, queries = zip(*(p.split(" ?") for p in prompts))
+    ids, _ = pipe.answer(list(contexts), [" ?" + q for q in queries], 1 + CONTAINS_SLACK, method="full")
+    texts = [tiny_tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+    late = [t.strip().split(" ")[-1] for t in texts]  # a piece from late in each generation
+    score, share = selector_exact_match(pipe, prompts, late, method="full", metrics=["contains"] * 2)
+    assert score == 1.0 and share == 1.0
+    first = [tiny_tokenizer.decode(row[:1]) for row in ids.tolist()]  # exact: the answer's tokens come first
+    assert selector_exact_match(pipe, prompts, first, method="full") == (1.0, 1.0)
+    assert selector_exact_match(pipe, prompts, ["zzzz", "zzzz"], method="full", metrics=["contains"] * 2)[0] == 0.0

@@ -62,6 +62,13 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
                                        "style scores of the context at the feature layer (q_last . k, head mean, "
                                        "pooled), r = the selector's relevance. 0: off (answer loss only)."}
     )
+    attention_distill_layer: int | None = field(
+        default=None, metadata={"help": "The LM layer whose scores are the attention_distill teacher (default: "
+                                        "feature_layer). A later layer than feature_layer trains the selector, "
+                                        "which reads the features entering feature_layer, to pick what that layer "
+                                        "would: training runs the frozen LM through it, inference only through "
+                                        "feature_layer."}
+    )
     answer_eos: bool = field(
         default=False, metadata={"help": "Append EOS to each answer. Off by default: a frozen LM that does not end "
                                          "its answers with EOS would add a loss no selection can lower."}
@@ -82,6 +89,8 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
              (self.rho_min, self.rho_max)),
             (self.selector_tau > 0, "selector_tau", "> 0", self.selector_tau),
             (self.attention_distill_weight >= 0, "attention_distill_weight", ">= 0", self.attention_distill_weight),
+            (self.attention_distill_layer is None or self.attention_distill_layer >= self.feature_layer,
+             "attention_distill_layer", ">= feature_layer", self.attention_distill_layer),
             (self.fixed_keep_ratio is None or 0 < self.fixed_keep_ratio <= 1, "fixed_keep_ratio", "in (0, 1]",
              self.fixed_keep_ratio),
             (self.keep_ratio_start is None or (self.fixed_keep_ratio is not None and
@@ -177,6 +186,11 @@ class QuerySelectorTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFT
 
     def __init__(self, model, args: QuerySelectorConfig, *rest, **kwargs):
         base = _base(model)
+        depth = len(base.get_decoder().layers)
+        for key in ("feature_layer", "attention_distill_layer"):
+            value = getattr(args, key)
+            if value is not None and value >= depth:
+                raise ModelError(f"{key} is {value}, but the model has {depth} decoder layers (0 .. {depth - 1})")
         if not hasattr(base, "query_selector"):
             attach_selector(model, QuerySelector(**args.selector_kwargs(base.config.get_text_config().hidden_size)))
         self.freeze_all_but_module(model, args.train_lora)
@@ -201,8 +215,9 @@ class QuerySelectorTrainer(SmallModuleTrainer, TrainerBase, FiniteLossMixin, SFT
         mode = "train" if self.model.training else "eval"
         selector = self.selector
         unwrapped = self.accelerator.unwrap_model(model)
+        teacher_layer = args.attention_distill_layer if args.attention_distill_weight > 0 else None
         features = lm_features(unwrapped, inputs["context_ids"], inputs["context_mask"], inputs["query_ids"],
-                               inputs["query_mask"], args.feature_layer)
+                               inputs["query_mask"], args.feature_layer, teacher_layer)
         selection = selector(features.context.float(), inputs["context_mask"], features.query.float(),
                              inputs["query_mask"], ratio=self.keep_ratio(mode))
         keep = selection.keep if selector.training else selection.keep.float()

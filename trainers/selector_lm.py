@@ -62,11 +62,20 @@ class Features:
 
 
 @torch.no_grad()
-def lm_features(model, context_ids, context_mask, query_ids, query_mask, layer: int) -> Features:
-    """Run decoder layers 0 .. layer-1 over [context (right-padded); query (right-padded)] and stop."""
+def lm_features(model, context_ids, context_mask, query_ids, query_mask, layer: int,
+                score_layer: int | None = None) -> Features:
+    """Run decoder layers 0 .. layer-1 over [context (right-padded); query (right-padded)] and stop.
+
+    `score_layer` (default `layer`, at least `layer`): the layer whose queries and keys fill `q_last` and
+    `context_keys`; the forward then runs through layer score_layer - 1 and stops there. The residual features are
+    always those entering `layer`.
+    """
     decoder = _base(model).get_decoder()
     if not 0 <= layer < len(decoder.layers):
         raise ValueError(f"feature layer must be in [0, {len(decoder.layers) - 1}], got {layer}")
+    score_layer = layer if score_layer is None else score_layer
+    if not layer <= score_layer < len(decoder.layers):
+        raise ValueError(f"score layer must be in [{layer}, {len(decoder.layers) - 1}], got {score_layer}")
     ids = torch.cat([context_ids, query_ids], dim=1)
     mask = torch.cat([context_mask, query_mask], dim=1).long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -75,7 +84,7 @@ def lm_features(model, context_ids, context_mask, query_ids, query_mask, layer: 
     def grab_residual(module, args, kwargs):
         captured["residual"] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    attention = decoder.layers[layer].self_attn
+    attention = decoder.layers[score_layer].self_attn
     handle = decoder.layers[layer].register_forward_pre_hook(grab_residual, with_kwargs=True)
     with capture_attention_inputs(attention) as attn_inputs:
         def stop(module, args, kwargs):
