@@ -19,7 +19,8 @@ papers' rule (the middle layer).
 accuracy: every method answers at each share and length (greedy, the answer's token count; facts: the answer
 contained in 8 more tokens), through the same SelectorPipeline: full prompt; GemFilter, PromptDistill and qk-top at
 the recorded layer (every share) and at the middle layer (--middle-shares); each trained selector export
-(--selector); random. Per method the exact match, the per-row share of the answer span kept, and the prefill
+(--selector), read as the kept tokens' embeddings and as their hidden states from the feature layer on
+(`selector-states`); random. Per method the exact match, the per-row share of the answer span kept, and the prefill
 (selection included) time and KV-cache bytes as ratios to the full prompt's on the same rows, timed one after the
 other in the same process. Each writes a markdown table, raw JSON and a PNG into --out (default
 outputs/bench/real_selection).
@@ -191,7 +192,8 @@ def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
 
 def methods_to_run(args, model, tokenizer, config: dict) -> list[tuple[str, object, str, list]]:
     """(name, pipeline, method, shares) per method: full; each scored method at the recorded layer (every share) and
-    at the middle layer (--middle-shares); each selector export (--selector); random."""
+    at the middle layer (--middle-shares); each selector export (--selector), read as the kept tokens' embeddings and as their hidden states from the feature layer on
+(`selector-states`); random."""
     from tokensieve.launch.export import load_selector_pipeline
     from tokensieve.trainers.selector_lm import SelectorPipeline
 
@@ -211,10 +213,19 @@ def methods_to_run(args, model, tokenizer, config: dict) -> list[tuple[str, obje
         selector = load_selector_pipeline(export, base_model=args.model, dtype=torch.float32)
         if selector.query_separator != separator:
             raise SystemExit(f"{export}: query separator {selector.query_separator!r}, the rows use {separator!r}")
-        out.append((f"selector {Path(export).name} (layer {selector.feature_layer})", selector, "selector",
-                    args.shares))
+        for method in args.selector_methods:
+            reading = ", hidden states" if method == "selector-states" else ""
+            out.append((f"selector {Path(export).name} (layer {selector.feature_layer}{reading})", selector, method,
+                        args.shares))
     out.append(("random", pipe(recorded), "random", args.shares))
     return out
+
+
+def cell_text(cell: dict) -> str:
+    rows = cell["answer_share_kept_per_row"]
+    whole = sum(share == 1.0 for share in rows)
+    return (f"{cell['exact_match']:.3f} ({cell['answer_share_kept']:.2f}, {whole}/{len(rows)} whole; "
+            f"{cell['prefill_ratio']:.2f}x)")
 
 
 @torch.no_grad()
@@ -234,6 +245,7 @@ def accuracy(args) -> None:
         for task in args.tasks:
             rows = read_rows(make_rows(args.model, out, task, length, args.rows, args.seed), args.rows)
             encoded = encoded_rows(methods[0][1], tokenizer, rows)
+            methods[0][1].prefill(encoded[0]["batch"], "full")  # warm-up, untimed: the full prompt is timed first
             for name, pipe, method, shares in methods:
                 for share in shares:
                     correct, kept, seconds, kv = [], [], [], []
@@ -262,25 +274,25 @@ def accuracy(args) -> None:
                "config": args.config, "selection_layer": recorded, "middle_layer": middle, "tasks": args.tasks,
                "lengths": args.lengths, "shares": args.shares, "selectors": args.selector, "table": table}
     (out / "accuracy.json").write_text(json.dumps(results, indent=2) + "\n")
-    lines = ["# Query-aware selection on a real model: exact match (share of the answer's tokens kept; prefill time "
-             "/ the full prompt's)", "",
+    lines = ["# Query-aware selection on a real model", "",
+             "Each cell: exact match (the share of the answer's tokens kept, mean over rows; the rows that kept all of "
+             "it; prefill time with the selection / the full prompt's).", "",
              *environment_lines(results["environment"]),
              f"Model {args.model} ({depth} layers), frozen; {args.rows} rows per cell (held-out phrasings); the "
              f"recorded selection layer {recorded} (`{args.config}`) and the middle layer {middle}; facts: the answer "
              f"contained in the generation.", ""]
     for length in args.lengths:
         for task in args.tasks:
-            full = table["full"][f"{task}@{length}@all"]["exact_match"]
-            lines += [f"**{task}, {length}-token prompts** (full prompt {full:.3f})", "",
+            full = table["full"][f"{task}@{length}@all"]
+            lines += [f"**{task}, {length}-token prompts** (full prompt {full['exact_match']:.3f}, prefill "
+                      f"{full['prefill_seconds']:.2f} s a row)", "",
                       "| method | " + " | ".join(f"{s:.0%} kept" for s in args.shares) + " |",
                       "|---|" + "---|" * len(args.shares)]
             for name, cells in table.items():
                 if name == "full":
                     continue
                 values = [cells.get(f"{task}@{length}@{s}") for s in args.shares]
-                lines.append(f"| {name} | " + " | ".join(
-                    "" if v is None else f"{v['exact_match']:.3f} ({v['answer_share_kept']:.2f}; "
-                                         f"{v['prefill_ratio']:.2f}x)" for v in values) + " |")
+                lines.append(f"| {name} | " + " | ".join("" if v is None else cell_text(v) for v in values) + " |")
             lines.append("")
     plt = pyplot()
     figure, axes = plt.subplots(len(args.lengths), len(args.tasks),
@@ -310,11 +322,16 @@ def main() -> None:
     answer = commands.add_parser("accuracy")
     answer.add_argument("--config", default=str(REPO / "recipes/smollm2/query_selection.json"),
                         help="the JSON file `layers --record` wrote (selection_layer, query_separator)")
-    answer.add_argument("--methods", nargs="+", default=list(SCORED_METHODS), choices=SCORED_METHODS,
+    answer.add_argument("--methods", nargs="*", default=list(SCORED_METHODS), choices=SCORED_METHODS,
                         help="training-free scores to run at the recorded layer (and the middle layer)")
     answer.add_argument("--middle-shares", nargs="*", type=float, default=[0.1],
                         help="shares at which the scored methods also run at the middle layer (the papers' rule)")
     answer.add_argument("--selector", nargs="*", default=[], help="query-selector exports to run beside them")
+    answer.add_argument("--selector-methods", nargs="+", default=["selector", "selector-states"],
+                        choices=["selector", "selector-states"],
+                        help="how the LM reads each selector's choice: the kept tokens' embeddings (selector), or "
+                             "the full prompt through the feature layer and then only the kept tokens' hidden states "
+                             "(selector-states, as PromptDistill reads its own)")
     for sub in (sweep, answer):
         sub.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model folder")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/real_selection"))

@@ -462,3 +462,28 @@ def test_selector_exact_match_judges_each_rows_metric(tiny_tokenizer):
     first = [tiny_tokenizer.decode(row[:1]) for row in ids.tolist()]  # exact: the answer's tokens come first
     assert selector_exact_match(pipe, prompts, first, method="full") == (1.0, 1.0)
     assert selector_exact_match(pipe, prompts, ["zzzz", "zzzz"], method="full", metrics=["contains"] * 2)[0] == 0.0
+
+
+def test_selector_states_reads_the_selectors_choice_as_promptdistill_reads_its_own(tiny_tokenizer):
+    model = fresh_model(tiny_tokenizer)
+    torch.manual_seed(1)
+    selector = QuerySelector(model.config.hidden_size, num_heads=2, budget_hidden=8).eval()
+    pipe = SelectorPipeline(model, tiny_tokenizer, selector, feature_layer=1)
+    contexts = ["record 1 : key k1 maps to v3 ; more words here and there", "key k2 ; value v4 ;"]
+    queries = [" ? copy", " ? copy it now"]
+    batch = pipe.encode(contexts, queries)
+    # The same tokens as the selector on lm_features: the residual stream entering layer 1 either way.
+    for ratio in (0.3, 0.6):
+        states = pipe.prefill(batch, "selector-states", ratio=ratio)
+        assert torch.equal(states.keep, pipe.select(batch, "selector", ratio=ratio).bool())
+        # Layer 0 caches the whole prompt, layers 1-2 only the kept tokens and the query.
+        full_width = int((batch["context_mask"].sum(-1) + batch["query_mask"].sum(-1)).max())
+        kept_width = int((states.keep.sum(-1) + batch["query_mask"].sum(-1)).max())
+        assert [states.cache.layers[i].keys.shape[2] for i in range(3)] == [full_width, kept_width, kept_width]
+        assert states.kv_bytes() < pipe.prefill(batch, "full").kv_bytes()
+    # Keeping everything, it decodes as the full prompt does.
+    ids, keep = pipe.answer(contexts, queries, 4, method="selector-states", ratio=1.0)
+    assert torch.equal(keep, batch["context_mask"].bool())
+    assert ids.tolist() == pipe.answer(contexts, queries, 4, method="full")[0].tolist()
+    with pytest.raises(ValueError, match="need a trained selector"):
+        SelectorPipeline(model, tiny_tokenizer, feature_layer=1).prefill(batch, "selector-states", ratio=0.5)

@@ -64,3 +64,38 @@ def test_quickstart_real_stage_scores_the_shipped_gates_beside_the_heuristics(re
     table = real_table(record)
     assert all(f"| {name} |" in table for name in results)
     assert run_real_stage(tmp_path / "real", rows=4, resume=True)["status"] == "reused (--resume)"
+
+
+def test_selector_recipe_trains_and_the_real_selection_benchmark_scores_it(smollm2, repo_root, tmp_path):
+    """Two steps of recipes/smollm2/query_selector.yaml on four fresh rows, then `real_selection.py accuracy` on one
+    held-out row with that export (both readings) beside qk-top, random and the full prompt."""
+    import subprocess
+    import sys
+
+    from tokensieve.launch.cli import main
+
+    rows = make_task("passkey", tmp_path / "data", n=4, seed=3, splits=["train"], tokenizer=smollm2,
+                     prompt_tokens=1024)["train"]
+    export = tmp_path / "selector"
+    datasets = json.dumps([{"path": str(rows), "columns": ["prompt", "completion"]}])
+    assert main(["train", str(repo_root / "recipes/smollm2/query_selector.yaml"), "--model.name_or_path", smollm2,
+                 "--data.datasets", datasets, "--training.output_dir", str(export), "--max_steps", "2",
+                 "--save_strategy", "no", "--resume_from_checkpoint", "false", "--report_to", "[]"]) == 0
+    config = json.loads((export / "selector.json").read_text())
+    assert config["feature_layer"] == 10 and config["query_separator"] == "\n\n"
+    out = tmp_path / "bench"
+    subprocess.run([sys.executable, str(repo_root / "benchmarks/real_selection.py"), "accuracy", "--model", smollm2,
+                    "--rows", "1", "--tasks", "passkey", "--lengths", "1024", "--shares", "0.1", "--methods", "qk-top",
+                    "--middle-shares", "--selector", str(export), "--out", str(out)], check=True, cwd=repo_root)
+    table = json.loads((out / "accuracy.json").read_text())["table"]
+    assert list(table) == ["full", "qk-top (layer 21)", "selector selector (layer 10)",
+                           "selector selector (layer 10, hidden states)", "random"]
+    full = table["full"]["passkey@1024@all"]
+    assert full["answer_share_kept"] == 1.0 and full["prefill_ratio"] == 1.0
+    for name in list(table)[1:]:
+        cell = table[name]["passkey@1024@0.1"]
+        assert len(cell["answer_share_kept_per_row"]) == 1 and 0 <= cell["answer_share_kept"] <= 1
+        # A tenth of the context (+ the query) in every layer's cache; with the hidden states, the first 10 of the 30
+        # layers hold the whole prompt.
+        assert cell["kv_ratio"] < (0.5 if "hidden states" in name else 0.2)
+    assert "selector selector (layer 10)" in (out / "accuracy.md").read_text()

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -216,26 +217,44 @@ def prefill_promptdistill(model, batch: dict, layer: int, target: torch.Tensor) 
     from tokensieve.selectors.query_selector import promptdistill_scores
     from tokensieve.selectors.topn import hard_top_n
 
-    _check_attention(model)
-    decoder = _base(model).get_decoder()
-    depth = len(decoder.layers)
+    depth = len(_base(model).get_decoder().layers)
     if not 0 <= layer <= depth - 2:
         raise ValueError(f"the PromptDistill selection layer must be in [0, {depth - 2}] (at least one layer must "
                          f"run on the kept tokens), got {layer}")
+    attention = _base(model).get_decoder().layers[layer].self_attn
+
+    def choose(hidden, captured, context_index):
+        q, k = rotary_queries_keys(attention, captured["hidden_states"], captured["position_embeddings"])
+        keys = k.gather(2, context_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
+        return hard_top_n(promptdistill_scores(q[:, :, -1], keys, batch["context_mask"]), target, batch["context_mask"])
+
+    return prefill_two_stage(model, batch, layer + 1, choose, capture=attention)
+
+
+def prefill_two_stage(model, batch: dict, split: int, choose, capture=None) -> Prefill:
+    """Layers 0..split-1 run over the full [context; query] (left-padded); `choose(hidden, captured, context_index)`
+    then returns the bool keep mask [B, N] over the context (`hidden`: the residual stream leaving layer split-1,
+    [B, W, D]; `context_index` [B, N]: each context token's column in it; `captured`: the inputs of the attention
+    module `capture`, if given), and only the kept tokens' hidden states and the query's, at their original
+    positions, go on through layers split..depth-1. The KV cache of the first layers holds the full prompt, the
+    later ones only the kept tokens and the query (PromptDistill's prefill, with any choice of tokens)."""
+    _check_attention(model)
+    depth = len(_base(model).get_decoder().layers)
+    if not 1 <= split <= depth - 1:
+        raise ValueError(f"a two-stage prefill needs at least one layer before and after the split; got split {split} "
+                         f"of {depth} layers")
     context_mask = batch["context_mask"]
     full = reduced_inputs(model, batch["context_ids"], context_mask, context_mask.bool(), batch["query_ids"],
                           batch["query_mask"], left_pad=True)
     valid, positions = full["attention_mask"], full["position_ids"]
     cache = DynamicCache(config=_base(model).config)
-    attention = decoder.layers[layer].self_attn
-    with capture_attention_inputs(attention) as captured:
-        hidden = _run_layers(model, range(layer + 1), full["inputs_embeds"], positions, valid, cache)
-    q, k = rotary_queries_keys(attention, captured["hidden_states"], captured["position_embeddings"])
+    with ExitStack() as stack:
+        captured = stack.enter_context(capture_attention_inputs(capture)) if capture is not None else {}
+        hidden = _run_layers(model, range(split), full["inputs_embeds"], positions, valid, cache)
     width, count = valid.shape[1], context_mask.shape[1]
     start = width - valid.sum(-1, keepdim=True)  # left padding: each row's context begins here
     context_index = (start + torch.arange(count, device=valid.device)).clamp(max=width - 1)  # [B, N]
-    keys = k.gather(2, context_index[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1]))
-    keep = hard_top_n(promptdistill_scores(q[:, :, -1], keys, context_mask), target, context_mask)
+    keep = choose(hidden, captured, context_index) & context_mask.bool()
     query_lengths = batch["query_mask"].sum(-1)
     rows = [torch.cat([context_index[b][keep[b]], torch.arange(width - int(query_lengths[b]), width,
                                                               device=valid.device)]) for b in range(len(keep))]
@@ -246,9 +265,9 @@ def prefill_promptdistill(model, batch: dict, layer: int, target: torch.Tensor) 
         index[b, kept_width - len(row):], kept_valid[b, kept_width - len(row):] = row, 1
     hidden = hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
     kept_positions = positions.gather(1, index)
-    later = range(layer + 1, depth)
+    later = range(split, depth)
     hidden = _run_layers(model, later, hidden, kept_positions, kept_valid, cache)
-    return Prefill(_next_token_logits(model, hidden), cache, [(range(layer + 1), valid), (later, kept_valid)],
+    return Prefill(_next_token_logits(model, hidden), cache, [(range(split), valid), (later, kept_valid)],
                    positions.max(dim=-1, keepdim=True).values + 1, keep)
 
 
@@ -273,7 +292,8 @@ def greedy_decode(model, state: Prefill, max_new_tokens: int) -> torch.Tensor:
     return torch.cat(tokens, dim=1)
 
 
-SELECTION_METHODS = ("selector", "promptdistill", "gemfilter", "qk-top", "first", "last", "random", "full")
+SELECTION_METHODS = ("selector", "selector-states", "promptdistill", "gemfilter", "qk-top", "first", "last", "random",
+                     "full")
 
 
 class SelectorPipeline:
@@ -282,6 +302,9 @@ class SelectorPipeline:
     Methods ("selector" and the position baselines read the kept tokens' embeddings at their original positions):
       selector       the trained QuerySelector: n or ratio if given, else the fixed share it was trained at, else
                      its learned budget;
+      selector-states  the same choice, read as PromptDistill reads its own: layers 0..feature_layer-1 run over
+                     the full prompt, then only the kept tokens' hidden states (and the query's) go on
+                     (`prefill_two_stage`; not in QTSplus);
       promptdistill  PromptDistill as published: the full prompt through the selection layer, then only the kept
                      tokens' hidden states (`prefill_promptdistill`);
       gemfilter      GemFilter: the same scores at the selection layer, then the whole model re-run on the kept
@@ -349,18 +372,14 @@ class SelectorPipeline:
         mask = batch["context_mask"].bool()
         if method == "full":
             return mask
+        if method in ("promptdistill", "selector-states"):  # the selection happens inside their prefill
+            return self.prefill(batch, method, n, ratio).keep
         if method == "selector":
-            if self.selector is None:
-                raise ValueError("method 'selector' needs a trained selector")
-            if n is None and ratio is None:
-                ratio = self.default_ratio
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
                                    batch["query_mask"], self.feature_layer)
-            return self.selector(features.context.float(), mask, features.query.float(), batch["query_mask"],
-                                 n=n, ratio=ratio).keep
+            return self._selector_keep(features.context, batch["context_mask"], features.query, batch["query_mask"],
+                                       n, ratio)
         target = self._target(batch, n, ratio)
-        if method == "promptdistill":  # the selection happens inside its prefill
-            return prefill_promptdistill(self.model, batch, self.layer_for(method), target).keep
         if method in ("gemfilter", "qk-top"):
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
                                    batch["query_mask"], self.layer_for(method))
@@ -369,12 +388,34 @@ class SelectorPipeline:
             scores = position_scores(mask, method, self.generator)
         return hard_top_n(scores, target, mask)
 
+    def _selector_keep(self, context, context_mask, query, query_mask, n, ratio) -> torch.Tensor:
+        if self.selector is None:
+            raise ValueError("methods 'selector' and 'selector-states' need a trained selector")
+        if n is None and ratio is None:
+            ratio = self.default_ratio
+        return self.selector(context.float(), context_mask.bool(), query.float(), query_mask, n=n, ratio=ratio).keep
+
     @torch.no_grad()
     def prefill(self, batch: dict, method: str = "selector", n: int | None = None,
                 ratio: float | None = None) -> Prefill:
         """Select (by `method`) and prefill the LM with what is kept; `Prefill.kv_bytes()` is the cache it leaves."""
+        if method not in SELECTION_METHODS:
+            raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}, got {method!r}")
         if method == "promptdistill":
             return prefill_promptdistill(self.model, batch, self.layer_for(method), self._target(batch, n, ratio))
+        if method == "selector-states":
+            query_mask = batch["query_mask"]
+
+            def choose(hidden, captured, context_index):  # the residual stream entering the feature layer
+                width, dim = hidden.shape[1], hidden.shape[-1]
+                context = hidden.gather(1, context_index[..., None].expand(-1, -1, dim))
+                lengths = query_mask.sum(-1, keepdim=True)  # the query fills each row's last columns
+                query_index = (width - lengths + torch.arange(query_mask.shape[1], device=hidden.device)).clamp(
+                    min=0, max=width - 1)
+                query = hidden.gather(1, query_index[..., None].expand(-1, -1, dim))
+                return self._selector_keep(context, batch["context_mask"], query, query_mask, n, ratio).bool()
+
+            return prefill_two_stage(self.model, batch, self.feature_layer, choose)
         keep = self.select(batch, method, n, ratio)
         return prefill_reduced(self.model, batch, keep, contiguous_positions=method == "gemfilter")
 
