@@ -192,8 +192,8 @@ def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
 
 def methods_to_run(args, model, tokenizer, config: dict) -> list[tuple[str, object, str, list]]:
     """(name, pipeline, method, shares) per method: full; each scored method at the recorded layer (every share) and
-    at the middle layer (--middle-shares); each selector export (--selector), read as the kept tokens' embeddings and as their hidden states from the feature layer on
-(`selector-states`); random."""
+    at the middle layer (--middle-shares); each selector export (--selector) in each --selector-methods reading;
+    random."""
     from tokensieve.launch.export import load_selector_pipeline
     from tokensieve.trainers.selector_lm import SelectorPipeline
 

@@ -134,8 +134,9 @@ def selector_exact_match(pipeline, prompts: list[str], answers: list[str], batch
         ids, keep = pipeline.answer(contexts, queries, max(lengths), method=method, n=n, ratio=ratio)
         context_lengths = pipeline.encode(contexts, queries)["context_mask"].sum(-1)
         kept += (keep.sum(-1) / context_lengths).sum().item()
-        correct += sum(is_correct(tokenizer, row[:length], answer, target, metric) for row, length, answer, target, metric
-                       in zip(ids.tolist(), lengths, batch_answers, targets, batch_metrics))
+        judged = zip(ids.tolist(), lengths, batch_answers, targets, batch_metrics)
+        correct += sum(is_correct(tokenizer, row[:length], answer, target, metric)
+                       for row, length, answer, target, metric in judged)
     return correct / max(len(prompts), 1), kept / max(len(prompts), 1)
 
 

@@ -280,7 +280,8 @@ def test_attention_distill_layer_sets_the_teacher(tiny_tokenizer, tmp_path):
     first = train_selector(tiny_tokenizer, tmp_path / "a", fixed_keep_ratio=0.25, attention_distill_weight=0.5)
     later = train_selector(tiny_tokenizer, tmp_path / "b", fixed_keep_ratio=0.25, attention_distill_weight=0.5,
                            attention_distill_layer=2)
-    distill = [[e["attention_distill"] for e in t.state.log_history if "attention_distill" in e] for t in (first, later)]
+    distill = [[e["attention_distill"] for e in t.state.log_history if "attention_distill" in e]
+               for t in (first, later)]
     assert distill[0][0] != pytest.approx(distill[1][0])  # same start, another teacher
     assert [e["answer_ce"] for e in first.state.log_history if "answer_ce" in e][0] == pytest.approx(
         [e["answer_ce"] for e in later.state.log_history if "answer_ce" in e][0])  # same features, same selection
