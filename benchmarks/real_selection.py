@@ -190,16 +190,13 @@ def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
     return out
 
 
-def methods_to_run(args, model, tokenizer, config: dict) -> list[tuple[str, object, str, list]]:
+def methods_to_run(args, model, tokenizer, separator: str, recorded: int,
+                   middle: int) -> list[tuple[str, object, str, list]]:
     """(name, pipeline, method, shares) per method: full; each scored method at the recorded layer (every share) and
     at the middle layer (--middle-shares); each selector export (--selector) in each --selector-methods reading;
     random."""
     from tokensieve.launch.export import load_selector_pipeline
     from tokensieve.trainers.selector_lm import SelectorPipeline
-
-    depth = len(model.get_decoder().layers)
-    recorded, middle = int(config["selection_layer"]), depth // 2
-    separator = config.get("query_separator", SEPARATOR)
 
     def pipe(layer):
         return SelectorPipeline(model, tokenizer, query_separator=separator, selection_layer=layer, seed=args.seed)
@@ -239,7 +236,7 @@ def accuracy(args) -> None:
     model, tokenizer = load(args.model)
     depth = len(model.get_decoder().layers)
     recorded, middle = int(config["selection_layer"]), depth // 2
-    methods = methods_to_run(args, model, tokenizer, config)
+    methods = methods_to_run(args, model, tokenizer, config.get("query_separator", SEPARATOR), recorded, middle)
     table: dict[str, dict] = {}
     for length in args.lengths:
         for task in args.tasks:

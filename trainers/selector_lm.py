@@ -375,6 +375,7 @@ class SelectorPipeline:
         if method in ("promptdistill", "selector-states"):  # the selection happens inside their prefill
             return self.prefill(batch, method, n, ratio).keep
         if method == "selector":
+            self._check_selector()
             features = lm_features(self.model, batch["context_ids"], batch["context_mask"], batch["query_ids"],
                                    batch["query_mask"], self.feature_layer)
             return self._selector_keep(features.context, batch["context_mask"], features.query, batch["query_mask"],
@@ -388,9 +389,11 @@ class SelectorPipeline:
             scores = position_scores(mask, method, self.generator)
         return hard_top_n(scores, target, mask)
 
-    def _selector_keep(self, context, context_mask, query, query_mask, n, ratio) -> torch.Tensor:
+    def _check_selector(self) -> None:
         if self.selector is None:
             raise ValueError("methods 'selector' and 'selector-states' need a trained selector")
+
+    def _selector_keep(self, context, context_mask, query, query_mask, n, ratio) -> torch.Tensor:
         if n is None and ratio is None:
             ratio = self.default_ratio
         return self.selector(context.float(), context_mask.bool(), query.float(), query_mask, n=n, ratio=ratio).keep
@@ -399,11 +402,10 @@ class SelectorPipeline:
     def prefill(self, batch: dict, method: str = "selector", n: int | None = None,
                 ratio: float | None = None) -> Prefill:
         """Select (by `method`) and prefill the LM with what is kept; `Prefill.kv_bytes()` is the cache it leaves."""
-        if method not in SELECTION_METHODS:
-            raise ValueError(f"method must be one of {', '.join(SELECTION_METHODS)}, got {method!r}")
         if method == "promptdistill":
             return prefill_promptdistill(self.model, batch, self.layer_for(method), self._target(batch, n, ratio))
         if method == "selector-states":
+            self._check_selector()
             query_mask = batch["query_mask"]
 
             def choose(hidden, captured, context_index):  # the residual stream entering the feature layer
