@@ -20,7 +20,8 @@ accuracy: every method answers at each share and length (greedy, the answer's to
 contained in 8 more tokens), through the same SelectorPipeline: full prompt; GemFilter, PromptDistill and qk-top at
 the recorded layer (every share) and at the middle layer (--middle-shares); each trained selector export
 (--selector), read as the kept tokens' embeddings and as their hidden states from the feature layer on
-(`selector-states`); random. Per method the exact match, the per-row share of the answer span kept, and the prefill
+(`selector-states`), and with each relevance window of --selector-pools (default: the one it was trained with);
+random. Per method the exact match, the per-row share of the answer span kept, and the prefill
 (selection included) time and KV-cache bytes as ratios to the full prompt's on the same rows, timed one after the
 other in the same process. Each writes a markdown table, raw JSON and a PNG into --out (default
 outputs/bench/real_selection).
@@ -58,13 +59,26 @@ def read_rows(path: Path, n: int) -> list[dict]:
     return [json.loads(line) for line in path.open()][:n]
 
 
+def span_tokens(offsets: list[tuple[int, int]], spans: list[list[int]]) -> torch.Tensor:
+    """A bool [N] mask of the tokens (character `offsets`) that overlap any [start, end) of `spans`."""
+    return torch.tensor([any(s < b and a < e for a, b in spans) for s, e in offsets], dtype=torch.bool)
+
+
 def answer_tokens(tokenizer, context: str, row: dict) -> torch.Tensor:
     """A bool [N] mask of the context tokens that overlap any place the answer is written (`answer_char_spans`)."""
     offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     spans = [(a, b) for a, b in row["answer_char_spans"] if a < len(context)]
     if not spans:
         raise ValueError(f"row {row.get('id', '?')}: no answer span inside the context")
-    return torch.tensor([any(s < b and a < e for a, b in spans) for s, e in offsets])
+    return span_tokens(offsets, spans)
+
+
+def statement_tokens(tokenizer, context: str, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [N] masks of the asked statement's tokens (`needle_char_span`: the name or person with the answer) and
+    of every other statement's (`distractors`: the keys or facts not asked; all False when there are none)."""
+    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    others = [d["char_span"] for d in row.get("distractors", [])]
+    return span_tokens(offsets, [row["needle_char_span"]]), span_tokens(offsets, others)
 
 
 @torch.no_grad()
@@ -184,9 +198,11 @@ def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
         answer = answer_tokens(tokenizer, context, row)
         if answer.shape[0] != batch["context_ids"].shape[1]:
             raise RuntimeError("the offsets tokenization differs from the pipeline's")
+        needle, others = statement_tokens(tokenizer, context, row)
         target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
-        out.append({"batch": batch, "answer": answer, "target": target, "completion": row["completion"],
-                    "metric": row.get("metric", "exact")})
+        out.append({"batch": batch, "answer": answer, "needle": needle, "others": others, "target": target,
+                    "completion": row["completion"], "metric": row.get("metric", "exact"),
+                    "other_statements": [d["statement"] for d in row.get("distractors", [])]})
     return out
 
 
@@ -207,15 +223,26 @@ def methods_to_run(args, model, tokenizer, separator: str, recorded: int,
     if middle != recorded and args.middle_shares:
         out += [(f"{m} (layer {middle})", at_middle, m, args.middle_shares) for m in args.methods]
     for export in args.selector:
-        selector = load_selector_pipeline(export, base_model=args.model, dtype=torch.float32)
-        if selector.query_separator != separator:
-            raise SystemExit(f"{export}: query separator {selector.query_separator!r}, the rows use {separator!r}")
-        for method in args.selector_methods:
-            reading = ", hidden states" if method == "selector-states" else ""
-            out.append((f"selector {Path(export).name} (layer {selector.feature_layer}{reading})", selector, method,
-                        args.shares))
+        for pool in args.selector_pools or [None]:
+            selector = load_selector_pipeline(export, base_model=args.model, dtype=torch.float32)
+            if selector.query_separator != separator:
+                raise SystemExit(f"{export}: query separator {selector.query_separator!r}, the rows use {separator!r}")
+            window = ""
+            if pool is not None:  # read the export with another window than it was trained with
+                selector.selector.pool, window = pool, f", window {pool}"
+            for method in args.selector_methods:
+                reading = ", hidden states" if method == "selector-states" else ""
+                out.append((f"selector {Path(export).name} (layer {selector.feature_layer}{reading}{window})",
+                            selector, method, args.shares))
     out.append(("random", pipe(recorded), "random", args.shares))
     return out
+
+
+def copies_other_statement(tokenizer, generated: torch.Tensor, row: dict) -> bool:
+    """Whether the generation's first answer-length tokens, stripped, are written in a statement not asked (another
+    key's code, another person's city): the model read the wrong statement rather than nothing."""
+    text = tokenizer.decode(generated[: len(row["target"])].tolist(), skip_special_tokens=True).strip(" .,;")
+    return bool(text) and any(text in statement for statement in row["other_statements"])
 
 
 def cell_text(cell: dict) -> str:
@@ -223,6 +250,12 @@ def cell_text(cell: dict) -> str:
     whole = sum(share == 1.0 for share in rows)
     return (f"{cell['exact_match']:.3f} ({cell['answer_share_kept']:.2f}, {whole}/{len(rows)} whole; "
             f"{cell['prefill_ratio']:.2f}x)")
+
+
+def statement_text(cell: dict) -> str:
+    others, rows = cell["other_statements_share_kept"], len(cell["correct_per_row"])
+    return (f"{cell['statement_share_kept']:.2f} / {'-' if others is None else f'{others:.2f}'} / "
+            f"{round(cell['answered_another_statement'] * rows)} of {round((1 - cell['exact_match']) * rows)}")
 
 
 @torch.no_grad()
@@ -245,7 +278,7 @@ def accuracy(args) -> None:
             methods[0][1].prefill(encoded[0]["batch"], "full")  # warm-up, untimed: the full prompt is timed first
             for name, pipe, method, shares in methods:
                 for share in shares:
-                    correct, kept, seconds, kv = [], [], [], []
+                    correct, kept, seconds, kv, needle, others, copied = [], [], [], [], [], [], []
                     for row in encoded:
                         start = time.perf_counter()
                         state = pipe.prefill(row["batch"], method, ratio=share)
@@ -254,12 +287,20 @@ def accuracy(args) -> None:
                         generated = greedy_decode(pipe.model, state, generation_length(row["target"], row["metric"]))
                         correct.append(float(is_correct(tokenizer, generated[0].tolist(), row["completion"],
                                                         row["target"], row["metric"])))
-                        kept.append(kept_share(state.keep[0].bool(), row["answer"]))
+                        keep = state.keep[0].bool()
+                        kept.append(kept_share(keep, row["answer"]))
+                        needle.append(kept_share(keep, row["needle"]))
+                        if row["others"].any():
+                            others.append(kept_share(keep, row["others"]))
+                        copied.append(float(not correct[-1] and copies_other_statement(tokenizer, generated[0], row)))
                     column = f"{task}@{length}@{'all' if share is None else share}"
                     table.setdefault(name, {})[column] = {
                         "exact_match": statistics.mean(correct), "answer_share_kept": statistics.mean(kept),
                         "prefill_seconds": statistics.mean(seconds), "kv_bytes": statistics.mean(kv),
-                        "answer_share_kept_per_row": kept, "correct_per_row": correct}
+                        "answer_share_kept_per_row": kept, "correct_per_row": correct,
+                        "statement_share_kept": statistics.mean(needle),
+                        "other_statements_share_kept": statistics.mean(others) if others else None,
+                        "answered_another_statement": statistics.mean(copied)}
                     print(f"[real_selection] {name} {column}: {statistics.mean(correct):.3f}, answer kept "
                           f"{statistics.mean(kept):.3f}, prefill {statistics.mean(seconds):.2f} s", flush=True)
     for cells in table.values():  # prefill time and KV bytes as ratios to the full prompt's, same rows
@@ -291,6 +332,20 @@ def accuracy(args) -> None:
                 values = [cells.get(f"{task}@{length}@{s}") for s in args.shares]
                 lines.append(f"| {name} | " + " | ".join("" if v is None else cell_text(v) for v in values) + " |")
             lines.append("")
+    lines += ["What else each method keeps. Each cell: the share of the asked statement's tokens kept (the name or "
+              "person with the answer) / of the other statements' tokens / the wrong answers that copy another "
+              "statement's value, of all wrong answers.", ""]
+    for length in args.lengths:
+        for task in args.tasks:
+            lines += [f"**{task}, {length}-token prompts**", "",
+                      "| method | " + " | ".join(f"{s:.0%} kept" for s in args.shares) + " |",
+                      "|---|" + "---|" * len(args.shares)]
+            for name, cells in table.items():
+                values = [cells.get(f"{task}@{length}@{s}") for s in args.shares]
+                if name != "full":
+                    lines.append(f"| {name} | " + " | ".join("" if v is None else statement_text(v)
+                                                             for v in values) + " |")
+            lines.append("")
     plt = pyplot()
     figure, axes = plt.subplots(len(args.lengths), len(args.tasks),
                                 figsize=(4 * len(args.tasks), 3 * len(args.lengths)), squeeze=False)
@@ -308,6 +363,13 @@ def accuracy(args) -> None:
             axis.set_xlabel("% of the context kept")
     axes[0][0].legend(fontsize=6)
     finish(out, "accuracy", lines, figure)
+
+
+def odd_window(text: str) -> int:
+    value = int(text)
+    if value < 1 or value % 2 == 0:
+        raise argparse.ArgumentTypeError(f"a window must be an odd number >= 1, got {text}")
+    return value
 
 
 def main() -> None:
@@ -329,6 +391,9 @@ def main() -> None:
                         help="how the LM reads each selector's choice: the kept tokens' embeddings (selector), or "
                              "the full prompt through the feature layer and then only the kept tokens' hidden states "
                              "(selector-states, as PromptDistill reads its own)")
+    answer.add_argument("--selector-pools", nargs="*", type=odd_window, default=[],
+                        help="read each selector export with each of these relevance windows (selector_pool: odd, "
+                             "1 = off) instead of the one it was trained with")
     for sub in (sweep, answer):
         sub.add_argument("--model", default="models/SmolLM2-135M-Instruct", help="a model folder")
         sub.add_argument("--out", default=str(REPO / "outputs/bench/real_selection"))

@@ -3,7 +3,9 @@
 QuerySelector scores N candidate tokens X [B, N, D] against the query tokens Q [B, L, D] with one cross-attention
 layer (r_j = max over heads and query positions of the attention probability), predicts a keep ratio rho from
 [mean Q; log N; max r; entropy of r], and keeps: in training a straight-through mask at the threshold solved for
-rho * N kept tokens; at inference the hard top n = clamp(ceil(rho N), 1, n_max), in original order.
+rho * N kept tokens; at inference the hard top n = clamp(ceil(rho N), 1, n_max), in original order. With `pool` > 1
+r is first averaged over that many neighbouring candidates (as PromptDistill smooths its scores), so a kept token
+brings its neighbours: a code with the name written before it, not the code alone.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def standardize(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class Selection:
     """What a selector decided for a batch."""
 
-    scores: torch.Tensor  # r [B, N], 0 on padding
+    scores: torch.Tensor  # r [B, N] (averaged over the window when pool > 1), 0 on padding
     rho: torch.Tensor  # [B] predicted keep ratio (the fixed ratio when n is given)
     keep: torch.Tensor  # [B, N]: float 0/1 with straight-through gradient in training, bool at inference
     count: torch.Tensor  # [B] tokens kept
@@ -41,14 +43,17 @@ class QuerySelector(nn.Module):
 
     hidden_size: width of the candidate and query features (after the optional projector);
     feature_size: width of external candidate features (e.g. vision-encoder outputs); a linear projector maps them
-    to hidden_size. (There is no re-encoder: QTSplus re-encodes the kept tokens and feeds those to the LM, but here
-    the LM reads the kept tokens themselves, so a re-encoder would only ever have fed the scorer.)
+    to hidden_size. pool: odd window over which r is averaged before choosing (1: off; not in QTSplus).
+    (There is no re-encoder: QTSplus re-encodes the kept tokens and feeds those to the LM, but here the LM reads the
+    kept tokens themselves, so a re-encoder would only ever have fed the scorer.)
     """
 
     def __init__(self, hidden_size: int, num_heads: int = 4, budget_hidden: int = 256, rho_min: float = 0.05,
                  rho_max: float = 0.5, n_max: int | None = None, tau: float = 0.1, gumbel: bool = True,
-                 feature_size: int | None = None, running_mean_momentum: float = 0.99):
+                 feature_size: int | None = None, running_mean_momentum: float = 0.99, pool: int = 1):
         super().__init__()
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pool must be an odd window >= 1 (1: off), got {pool}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if not 0.0 < rho_min <= rho_max <= 1.0:
@@ -56,10 +61,10 @@ class QuerySelector(nn.Module):
         self.config = {"hidden_size": hidden_size, "num_heads": num_heads, "budget_hidden": budget_hidden,
                        "rho_min": rho_min, "rho_max": rho_max, "n_max": n_max, "tau": tau, "gumbel": gumbel,
                        "feature_size": feature_size,
-                       "running_mean_momentum": running_mean_momentum}
+                       "running_mean_momentum": running_mean_momentum, "pool": pool}
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.rho_min, self.rho_max, self.n_max, self.tau, self.gumbel = rho_min, rho_max, n_max, tau, gumbel
-        self.momentum = running_mean_momentum
+        self.momentum, self.pool = running_mean_momentum, pool
         self.projector = nn.Linear(feature_size, hidden_size) if feature_size else None
         self.query_norm = nn.LayerNorm(hidden_size)
         self.key_norm = nn.LayerNorm(hidden_size)
@@ -98,7 +103,7 @@ class QuerySelector(nn.Module):
         if query.shape[-1] != hidden:
             raise ValueError(f"query features have width {query.shape[-1]}; this selector expects hidden_size {hidden}")
         x = self.projector(candidates) if self.projector is not None else candidates
-        scores = self.relevance(x, candidate_mask, query, query_mask)
+        scores = smooth(self.relevance(x, candidate_mask, query, query_mask), candidate_mask, self.pool)
         counts = candidate_mask.sum(-1).float()
         if n is not None or ratio is not None:
             target = torch.full_like(counts, float(n)) if n is not None else ratio * counts
@@ -137,6 +142,19 @@ class QuerySelector(nn.Module):
         }
 
 
+def smooth(scores: torch.Tensor, mask: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Each valid entry of scores [B, N] replaced by the mean of the valid entries within kernel // 2 of it (padding
+    neither counted nor changed: 0 there); kernel 1 returns scores unchanged."""
+    if kernel == 1:
+        return scores
+    mask = mask.bool()
+    values = scores.masked_fill(~mask, 0.0)[:, None]
+    total = F.avg_pool1d(values, kernel, stride=1, padding=kernel // 2, count_include_pad=True)[:, 0]
+    count = F.avg_pool1d(mask[:, None].to(values.dtype), kernel, stride=1, padding=kernel // 2,
+                         count_include_pad=True)[:, 0]
+    return (total / count.clamp(min=1e-12)).masked_fill(~mask, 0.0)
+
+
 # --- training-free baselines, same output ---------------------------------------------------------------------------
 
 
@@ -148,10 +166,7 @@ def promptdistill_scores(q_last: torch.Tensor, keys: torch.Tensor, candidate_mas
     repeated), candidate_mask [B, N]. Returns [B, N], -inf on padding.
     """
     logits = torch.einsum("bhd,bhnd->bhn", q_last.float(), keys.float()) / math.sqrt(keys.shape[-1])
-    score = logits.mean(dim=1)
-    score = F.avg_pool1d(score[:, None], kernel_size=kernel, stride=1, padding=kernel // 2,
-                         count_include_pad=False)[:, 0]
-    return score.masked_fill(~candidate_mask.bool(), -math.inf)
+    return smooth(logits.mean(dim=1), candidate_mask, kernel).masked_fill(~candidate_mask.bool(), -math.inf)
 
 
 def position_scores(candidate_mask: torch.Tensor, how: str, generator: torch.Generator | None = None) -> torch.Tensor:

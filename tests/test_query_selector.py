@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from tokensieve.errors import ModelError
 from tokensieve.launch.model import FromScratchArguments, build_config
-from tokensieve.selectors.query_selector import QuerySelector, position_scores, promptdistill_scores
+from tokensieve.selectors.query_selector import QuerySelector, position_scores, promptdistill_scores, smooth
 from tokensieve.selectors.topn import hard_top_n, solve_threshold, straight_through_mask
 from tokensieve.selectors.keep_attention import KEEP_ATTENTION
 from tokensieve.trainers.query_selector import QuerySelectorConfig, QuerySelectorTrainer, key_keep_vector
@@ -122,6 +122,28 @@ def test_projected_features_and_baseline_scores():
     scores = promptdistill_scores(q_last, keys, cmask, kernel=1)
     expected = (torch.einsum("bhd,bhnd->bhn", q_last, keys) / 2).mean(1)
     assert torch.allclose(scores[:, :3], expected[:, :3]) and scores[0, 3] == -math.inf
+
+
+def test_pool_averages_the_relevance_over_valid_neighbours():
+    scores = torch.tensor([[1.0, 0.0, 0.0, 4.0, 0.0], [2.0, 2.0, 5.0, 7.0, 7.0]])
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    expected = torch.tensor([[0.5, 1 / 3, 4 / 3, 4 / 3, 2.0], [2.0, 3.0, 3.5, 0.0, 0.0]])  # padding: not counted, 0
+    assert torch.allclose(smooth(scores, mask, 3), expected)
+    assert torch.equal(smooth(scores, mask, 1), scores)
+    with pytest.raises(ValueError, match="pool must be an odd window"):
+        QuerySelector(hidden_size=8, num_heads=2, pool=4)
+    with pytest.raises(ValueError, match="selector_pool"):
+        QuerySelectorConfig(output_dir="unused", use_cpu=True, bf16=False, selector_pool=2)
+    torch.manual_seed(0)
+    selector = QuerySelector(hidden_size=16, num_heads=2, pool=3).eval()
+    candidates, query = torch.randn(2, 12, 16), torch.randn(2, 3, 16)
+    cmask, qmask = torch.ones(2, 12, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
+    cmask[1, 9:] = False
+    selection = selector(candidates, cmask, query, qmask, n=4)
+    raw = selector.relevance(candidates, cmask, query, qmask)
+    assert torch.allclose(selection.scores, smooth(raw, cmask, 3))
+    assert torch.equal(selection.keep, hard_top_n(smooth(raw, cmask, 3), 4, cmask))
+    assert not torch.equal(selection.keep, hard_top_n(raw, 4, cmask))  # the window changes the choice here
 
 
 def test_feature_width_mismatch_is_a_clear_error():
@@ -298,11 +320,12 @@ def test_export_loads_in_a_fresh_process_and_bad_exports_fail(tiny_tokenizer, tm
     tiny_tokenizer.save_pretrained(base)
     args = QuerySelectorConfig(output_dir=str(tmp_path / "sel"), max_steps=2, per_device_train_batch_size=8,
                                selector_heads=2, budget_hidden=16, report_to="none", use_cpu=True, bf16=False,
-                               activation_checkpointing=False, save_strategy="no")
+                               activation_checkpointing=False, save_strategy="no", selector_pool=3)
     trainer = QuerySelectorTrainer(model=AutoModelForCausalLM.from_pretrained(base), args=args,
                                    train_dataset=Dataset.from_list(rows()), processing_class=tiny_tokenizer)
     trainer.train()
     trainer.save_model(str(tmp_path / "export"))
+    assert json.loads((tmp_path / "export/selector.json").read_text())["selector"]["pool"] == 3
     model = trainer.model.eval()
     pipe = SelectorPipeline(model, tiny_tokenizer, model.query_selector, 1)
     contexts, queries = ["record 3 : key k3 maps to v2 and filler words here"], [" ? copy k3"]

@@ -95,7 +95,10 @@ def test_selector_recipe_trains_and_the_real_selection_benchmark_scores_it(smoll
     for name in list(table)[1:]:
         cell = table[name]["passkey@1024@0.1"]
         assert len(cell["answer_share_kept_per_row"]) == 1 and 0 <= cell["answer_share_kept"] <= 1
+        assert 0 <= cell["statement_share_kept"] <= 1 and cell["answered_another_statement"] in (0.0, 1.0)
+        assert cell["answered_another_statement"] == 0.0 or cell["correct_per_row"] == [0.0]
         # A tenth of the context (+ the query) in every layer's cache; with the hidden states, the first 10 of the 30
         # layers hold the whole prompt.
         assert cell["kv_ratio"] < (0.5 if "hidden states" in name else 0.2)
-    assert "selector selector (layer 10)" in (out / "accuracy.md").read_text()
+    report = (out / "accuracy.md").read_text()
+    assert "selector selector (layer 10)" in report and "What else each method keeps" in report

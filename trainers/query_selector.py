@@ -43,6 +43,10 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
     rho_max: float = field(default=0.5, metadata={"help": "Largest keep ratio the budget head predicts."})
     max_kept_tokens: int | None = field(default=None, metadata={"help": "n_max: cap on kept tokens (default: N)."})
     selector_tau: float = field(default=0.1, metadata={"help": "Temperature of the soft threshold / Gumbel mask."})
+    selector_pool: int = field(default=1, metadata={"help": "Average the selector's relevance over this many "
+                                                             "neighbouring context tokens (odd; 1: off) before "
+                                                             "choosing, in training and at inference, as PromptDistill "
+                                                             "smooths its scores (kernel 5)."})
     gumbel: bool = field(default=True, metadata={"help": "Gumbel straight-through (else plain STE)."})
     fixed_keep_ratio: float | None = field(
         default=None, metadata={"help": "Train for a fixed share of the context instead of the learned budget."}
@@ -88,6 +92,8 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
             (0.0 < self.rho_min <= self.rho_max <= 1.0, "rho_min/rho_max", "0 < rho_min <= rho_max <= 1",
              (self.rho_min, self.rho_max)),
             (self.selector_tau > 0, "selector_tau", "> 0", self.selector_tau),
+            (self.selector_pool >= 1 and self.selector_pool % 2 == 1, "selector_pool", "an odd number >= 1",
+             self.selector_pool),
             (self.attention_distill_weight >= 0, "attention_distill_weight", ">= 0", self.attention_distill_weight),
             (self.attention_distill_layer is None or self.attention_distill_layer >= self.feature_layer,
              "attention_distill_layer", ">= feature_layer", self.attention_distill_layer),
@@ -106,7 +112,7 @@ class QuerySelectorConfig(ConfigDefaults, SFTConfig):
     def selector_kwargs(self, hidden_size: int) -> dict:
         return dict(hidden_size=hidden_size, num_heads=self.selector_heads, budget_hidden=self.budget_hidden,
                     rho_min=self.rho_min, rho_max=self.rho_max, n_max=self.max_kept_tokens, tau=self.selector_tau,
-                    gumbel=self.gumbel)
+                    gumbel=self.gumbel, pool=self.selector_pool)
 
 
 def attach_selector(model, selector: QuerySelector) -> QuerySelector:
