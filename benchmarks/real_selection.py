@@ -64,19 +64,23 @@ def span_tokens(offsets: list[tuple[int, int]], spans: list[list[int]]) -> torch
     return torch.tensor([any(s < b and a < e for a, b in spans) for s, e in offsets], dtype=torch.bool)
 
 
-def answer_tokens(tokenizer, context: str, row: dict) -> torch.Tensor:
-    """A bool [N] mask of the context tokens that overlap any place the answer is written (`answer_char_spans`)."""
-    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+def context_offsets(tokenizer, context: str) -> list[tuple[int, int]]:
+    return tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+
+def answer_tokens(offsets: list[tuple[int, int]], context: str, row: dict) -> torch.Tensor:
+    """A bool [N] mask of the context tokens (`offsets`) that overlap any place the answer is written
+    (`answer_char_spans`)."""
     spans = [(a, b) for a, b in row["answer_char_spans"] if a < len(context)]
     if not spans:
         raise ValueError(f"row {row.get('id', '?')}: no answer span inside the context")
     return span_tokens(offsets, spans)
 
 
-def statement_tokens(tokenizer, context: str, row: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bool [N] masks of the asked statement's tokens (`needle_char_span`: the name or person with the answer) and
-    of every other statement's (`distractors`: the keys or facts not asked; all False when there are none)."""
-    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+def statement_tokens(offsets: list[tuple[int, int]], row: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool [N] masks (context token `offsets`) of the asked statement's tokens (`needle_char_span`: the name or
+    person with the answer) and of every other statement's (`distractors`: the keys or facts not asked; all False
+    when there are none)."""
     others = [d["char_span"] for d in row.get("distractors", [])]
     return span_tokens(offsets, [row["needle_char_span"]]), span_tokens(offsets, others)
 
@@ -123,7 +127,8 @@ def layers(args) -> None:
             for row in rows:
                 context, query = split_prompt(row["prompt"], SEPARATOR)
                 batch = pipe.encode([context], [query])
-                answer = answer_tokens(tokenizer, context, row)
+                offsets = context_offsets(tokenizer, context)
+                answer = answer_tokens(offsets, context, row)
                 if answer.shape[0] != batch["context_ids"].shape[1]:
                     raise RuntimeError("the offsets tokenization differs from the pipeline's")
                 for layer, scores in enumerate(scores_at_every_layer(model, batch)):
@@ -195,10 +200,11 @@ def encoded_rows(pipe, tokenizer, rows: list[dict]) -> list[dict]:
     for row in rows:
         context, query = split_prompt(row["prompt"], pipe.query_separator)
         batch = pipe.encode([context], [query])
-        answer = answer_tokens(tokenizer, context, row)
+        offsets = context_offsets(tokenizer, context)
+        answer = answer_tokens(offsets, context, row)
         if answer.shape[0] != batch["context_ids"].shape[1]:
             raise RuntimeError("the offsets tokenization differs from the pipeline's")
-        needle, others = statement_tokens(tokenizer, context, row)
+        needle, others = statement_tokens(offsets, row)
         target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
         out.append({"batch": batch, "answer": answer, "needle": needle, "others": others, "target": target,
                     "completion": row["completion"], "metric": row.get("metric", "exact"),
