@@ -347,10 +347,10 @@ def accuracy(args) -> None:
                       "| method | " + " | ".join(f"{s:.0%} kept" for s in args.shares) + " |",
                       "|---|" + "---|" * len(args.shares)]
             for name, cells in table.items():
+                if name == "full":
+                    continue
                 values = [cells.get(f"{task}@{length}@{s}") for s in args.shares]
-                if name != "full":
-                    lines.append(f"| {name} | " + " | ".join("" if v is None else statement_text(v)
-                                                             for v in values) + " |")
+                lines.append(f"| {name} | " + " | ".join("" if v is None else statement_text(v) for v in values) + " |")
             lines.append("")
     plt = pyplot()
     figure, axes = plt.subplots(len(args.lengths), len(args.tasks),
